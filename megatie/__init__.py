@@ -1,0 +1,49 @@
+"""megatie: dynamic layer tying for transformer training on DeepSpeed.
+
+The state algebra is imported eagerly (it is plain Python); everything that needs torch is
+imported on first use, so ``import megatie`` stays cheap for tools such as data preparation.
+"""
+
+from megatie.errors import CheckpointError, ConfigError, DataError, MegatieError
+from megatie.state import (
+    Transition,
+    groups,
+    identity_state,
+    num_independent,
+    permute_state,
+    roots,
+    state_from_action,
+    transition,
+    validate_action,
+    validate_state,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LayerTying": "megatie.tying",
+    "find_blocks": "megatie.tying",
+    "count_parameters": "megatie.tying",
+    "QLearningAgent": "megatie.agent",
+    "QNetwork": "megatie.agent",
+    "build_policy": "megatie.policies",
+    "TieController": "megatie.controller",
+    "regroup_optimizer": "megatie.optim",
+    "TrainConfig": "megatie.config",
+    "Trainer": "megatie.trainer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatie' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "MegatieError", "Transition", "groups", "identity_state",
+    "num_independent", "permute_state", "roots", "state_from_action", "transition", "validate_action",
+    "validate_state", *_LAZY,
+]

@@ -1,0 +1,193 @@
+"""Command-line front end shared by the launchers: flags -> ``TrainConfig`` -> a run.
+
+Errors the user can fix end with one line on stderr and exit status 2, never a traceback
+(set ``MEGATIE_DEBUG=1`` to see the traceback anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from megatie.config import PRESETS, TrainConfig
+from megatie.errors import MegatieError
+from megatie.policies import POLICIES
+from megatie.agent import REWARDS
+from megatie.tying import TIE_MODES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train a transformer from scratch with dynamic layer tying.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default=d.out_dir, help="run directory (metrics, checkpoints, summary)")
+    run.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), metavar="NAME",
+                     help=f"model/run size: {', '.join(PRESETS)}")
+    run.add_argument("--max-steps", type=int, help="optimizer steps (preset default)")
+    run.add_argument("--seed", type=int, default=d.seed)
+    run.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out-dir")
+    model = p.add_argument_group("model (overrides the preset)")
+    for flag in ("n-layer", "n-embd", "n-head", "seq-len"):
+        model.add_argument(f"--{flag}", type=int)
+    model.add_argument("--dropout", type=float, default=d.dropout)
+    opt = p.add_argument_group("optimisation (the one source of truth for batch size and lr)")
+    opt.add_argument("--batch-size", type=int, help="micro-batch per rank")
+    opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
+    opt.add_argument("--warmup-steps", type=int)
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    tie = p.add_argument_group("tying")
+    tie.add_argument("--tie-policy", default=d.tie_policy, metavar="NAME",
+                     help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))
+    tie.add_argument("--tie-every", type=int, default=d.tie_every, help="steps between decisions (k)")
+    tie.add_argument("--tie-mode", default=d.tie_mode, metavar="MODE", help=f"one of {', '.join(TIE_MODES)}")
+    tie.add_argument("--reward", default=d.reward, metavar="NAME", help=f"one of {', '.join(REWARDS)}")
+    tie.add_argument("--reward-batch-size", type=int, help="batch for the reward (default: --batch-size)")
+    tie.add_argument("--reference-run", help="finished qlearning run for static/replay/vanilla ablations")
+    tie.add_argument("--static-state", type=_int_list, help="tie map for --tie-policy static, e.g. 0,0,2,2")
+    tie.add_argument("--vanilla-layers", type=int, help="block count for --tie-policy vanilla")
+    tie.add_argument("--agent-lr", type=float, default=d.agent_lr)
+    tie.add_argument("--gamma", type=float, default=d.gamma)
+    tie.add_argument("--eps-decay", type=float, default=d.eps_decay)
+    tie.add_argument("--eps-min", type=float, default=d.eps_min)
+    data = p.add_argument_group("data")
+    data.add_argument("--train-file", dest="train_files", action="append", default=[],
+                      help="text file or glob (.txt, .jsonl, .gz); repeatable")
+    data.add_argument("--valid-file", dest="valid_files", action="append", default=[],
+                      help="validation text (default: the end of the training text)")
+    data.add_argument("--dataset", help="wikitext-2, wikitext-103, lambada or lm1b (needs the HF cache)")
+    data.add_argument("--data-dir", help="a directory made by launchers/prepare_data.py")
+    data.add_argument("--tokenizer", default=d.tokenizer, help="sentencepiece, gpt2, or a local tokenizer path")
+    data.add_argument("--vocab-size", type=int, help="SentencePiece vocabulary size")
+    data.add_argument("--cache-dir", default=d.cache_dir)
+    log = p.add_argument_group("logging")
+    log.add_argument("--log-every", type=int, default=d.log_every)
+    log.add_argument("--eval-every", type=int)
+    log.add_argument("--eval-batches", type=int, default=d.eval_batches, help="cap on validation batches")
+    log.add_argument("--checkpoint-every", type=int)
+    log.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    log.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    ds = p.add_argument_group("DeepSpeed (engine settings only; batch, lr and clipping come from the flags above)")
+    ds.add_argument("--deepspeed", metavar="CONFIG",
+                    help="train with DeepSpeed ZeRO (stage 0-2) using this JSON config, e.g. ds_configs/zero2.json")
+    ds.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                    help="set by the deepspeed launcher")
+    ds.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute block activations in backward (non-reentrant; works with tied blocks)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_main(main_fn, argv=None) -> int:
+    """Call ``main_fn(argv)``; turn user errors into one line and exit status 2."""
+    try:
+        main_fn(argv)
+        return 0
+    except MegatieError as e:
+        if os.environ.get("MEGATIE_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (resume with --resume auto)", file=sys.stderr)
+        return 130
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env(local_rank: int | None) -> None:
+    """Defaults that let one process run DeepSpeed without its launcher (no MPI discovery)."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_deepspeed_distributed(local_rank: int | None = None):
+    """Start the process group the way DeepSpeed does (NCCL on GPUs, gloo/ccl on CPUs).
+
+    Returns ``(rank, world_size, device)``."""
+    _single_process_env(local_rank)
+    import deepspeed
+    import torch.distributed as tdist
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", local_rank or 0)))
+    if not tdist.is_initialized():
+        deepspeed.init_distributed()
+    import torch
+
+    return tdist.get_rank(), tdist.get_world_size(), torch.device(accelerator.current_device_name())
+
+
+def train_main(argv=None) -> dict:
+    from functools import partial
+
+    from megatie.trainer import Trainer, TorchEngine
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if not args.deepspeed:
+        factory = TorchEngine
+        if args.activation_checkpointing:
+            def factory(model, cfg, device):
+                from megatie.zero import enable_activation_checkpointing
+
+                enable_activation_checkpointing(model)
+                return TorchEngine(model, cfg, device)
+        summary = Trainer(cfg, engine_factory=factory).train()
+    else:
+        from megatie.zero import DeepSpeedEngine, load_ds_config
+
+        load_ds_config(args.deepspeed)  # a bad config fails before any process group exists
+        rank, world_size, device = init_deepspeed_distributed(args.local_rank)
+        import torch.distributed as tdist
+
+        try:
+            factory = partial(DeepSpeedEngine, ds_config=args.deepspeed,
+                              activation_checkpointing=args.activation_checkpointing)
+            summary = Trainer(cfg, rank=rank, world_size=world_size, barrier=tdist.barrier,
+                              engine_factory=factory, device=device).train()
+        finally:
+            # Explicit teardown: without it a rank can abort at interpreter exit.
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+        if rank != 0:
+            return summary
+    keys = ("steps", "final_val_ppl", "best_val_ppl", "mean_independent_layers", "final_trainable_params",
+            "tokens_per_second")
+    print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+    return summary

@@ -1,0 +1,135 @@
+"""One config dataclass for a training run, its presets and its validation.
+
+The launcher flags fill ``TrainConfig``; they are the single source of truth for model size,
+micro-batch and learning rate (DeepSpeed JSON files hold engine settings only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from megatie.agent import REWARDS
+from megatie.errors import ConfigError
+from megatie.policies import POLICIES
+from megatie.tying import TIE_MODES
+
+# Model shapes and the run length that suits them. `tiny` is sized for a CPU: a 60-step run takes
+# about a minute on two cores. `paper` is the paper's GPT-2 (48 blocks, d=1600, 16 heads).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=12, n_embd=128, n_head=4, seq_len=128, batch_size=8, lr=6e-4, max_steps=300,
+                 vocab_size=4096),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, seq_len=256, batch_size=16, lr=1e-4,
+                        max_steps=20000),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, seq_len=256, batch_size=16, lr=1e-4,
+                       max_steps=20000),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
+    "paper": dict(n_layer=48, n_embd=1600, n_head=16, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
+}
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "runs/default"
+    preset: str = "tiny"
+    max_steps: int | None = None
+    seed: int = 1234
+    resume: str | None = None
+    # model
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    seq_len: int | None = None
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int | None = None  # micro-batch per rank
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # tying
+    tie_policy: str = "qlearning"
+    tie_every: int = 15
+    tie_mode: str = "shared"
+    reward: str = "neg-ppl"
+    reward_batch_size: int | None = None
+    reference_run: str | None = None
+    static_state: list[int] | None = None
+    vanilla_layers: int | None = None
+    agent_lr: float = 1e-3
+    gamma: float = 0.99
+    eps_decay: float = 0.95
+    eps_min: float = 0.1
+    # data
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    data_dir: str | None = None
+    tokenizer: str = "sentencepiece"
+    vocab_size: int | None = None
+    cache_dir: str = "~/.cache/megatie"
+    # logging and evaluation
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_batches: int | None = 50
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """Fill preset defaults for every field left unset, then validate."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        values = dataclasses.asdict(self)
+        for key, value in PRESETS[self.preset].items():
+            if values.get(key) is None:
+                values[key] = value
+        if values["vocab_size"] is None:
+            values["vocab_size"] = 8192
+        cfg = TrainConfig(**values)
+        if cfg.warmup_steps is None:
+            cfg.warmup_steps = min(100, cfg.max_steps // 10)
+        if cfg.eval_every is None:
+            cfg.eval_every = max(1, min(500, cfg.max_steps // 5))
+        if cfg.checkpoint_every is None:
+            cfg.checkpoint_every = cfg.eval_every
+        if cfg.reward_batch_size is None:
+            cfg.reward_batch_size = cfg.batch_size
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
+                    "tie_every", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                    "reward_batch_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        if self.vocab_size < 16:
+            raise ConfigError(f"--vocab-size must be at least 16, got {self.vocab_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.tie_policy not in POLICIES:
+            raise ConfigError(f"unknown --tie-policy {self.tie_policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.tie_mode not in TIE_MODES:
+            raise ConfigError(f"unknown --tie-mode {self.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.tie_policy not in ("conventional", "vanilla") and self.n_layer < 2:
+            raise ConfigError("layer tying needs at least 2 blocks (--n-layer >= 2)")
+        if self.train_files and self.dataset:
+            raise ConfigError("give either --train-file or --dataset, not both")
+        if self.valid_files and not (self.train_files or self.dataset):
+            raise ConfigError("--valid-file needs --train-file (or --dataset) too")

@@ -1,0 +1,96 @@
+"""The tying schedule (SPEC §1): decide every k steps, apply, reward, learn, record.
+
+The controller knows nothing about optimizers or engines: the trainer hands it a ``regroup``
+callback (plain torch or DeepSpeed) and a ``reward_loss`` callback that measures the model's loss
+on a fresh random training batch. Both are called identically on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from megatie.agent import reward_from_loss
+from megatie.errors import ConfigError
+from megatie.policies import TyingPolicy
+from megatie.state import identity_state, num_independent
+from megatie.tying import LayerTying, RegroupPlan, count_parameters
+
+
+class TieController:
+    def __init__(self, tying: LayerTying, policy: TyingPolicy, tie_every: int = 15,
+                 reward: str = "neg-ppl",
+                 regroup: Callable[[RegroupPlan], None] | None = None,
+                 reward_loss: Callable[[], float] | None = None):
+        if tie_every < 1:
+            raise ConfigError(f"--tie-every must be a positive number of steps, got {tie_every}")
+        reward_from_loss(0.0, reward)  # validates the name
+        if policy.num_blocks != tying.num_blocks:
+            raise ConfigError(f"policy built for {policy.num_blocks} blocks, model has {tying.num_blocks}")
+        self.tying, self.policy, self.tie_every, self.reward = tying, policy, tie_every, reward
+        self.regroup = regroup or (lambda plan: None)
+        self.reward_loss = reward_loss
+        self.policy_state = policy.initial_state()  # what the policy believes (differs under replicate-only)
+        self.history: list[dict] = []
+        self._greedy_seen: set[tuple[int, ...]] = set()
+
+    def setup(self) -> None:
+        """Put the model in the policy's starting structure; call before building the optimizer."""
+        self.tying.initialize(self.policy.initial_state(), self.policy.initial_frozen())
+
+    def is_decision_step(self, step: int) -> bool:
+        """``step`` = optimizer steps completed; the first decision comes after k steps."""
+        return self.policy.decides and step > 0 and step % self.tie_every == 0
+
+    def maybe_decide(self, step: int) -> dict | None:
+        return self.decide(step) if self.is_decision_step(step) else None
+
+    def decide(self, step: int) -> dict:
+        state = list(self.policy_state)
+        old_physical = list(self.tying.state)
+        proposal = self.policy.propose(state, len(self.history))
+        plan = self.tying.apply(proposal.state)
+        self.regroup(plan)
+        if not self.policy.ties:
+            # Ablation (v): the copies happened; every block now trains on its own again.
+            self.regroup(self.tying.apply(identity_state(self.tying.num_blocks)))
+        record = {
+            "event": "decision",
+            "step": step,
+            "decision": len(self.history),
+            "action": proposal.action,
+            "state": list(self.tying.state),
+            "explored": proposal.explored,
+            "structure_changed": self.tying.state != old_physical,
+            **plan.transition.counts(),
+        }
+        if proposal.state != record["state"]:
+            record["policy_state"] = proposal.state
+        if self.policy.learns:
+            if self.reward_loss is None:
+                raise RuntimeError("a learning policy needs a reward_loss callback")
+            loss = float(self.reward_loss())
+            r = reward_from_loss(loss, self.reward)
+            record.update({"reward": r, "reward_loss": loss})
+            record.update(self.policy.observe(state, proposal.action, r, proposal.state))
+            if not proposal.explored:
+                self._greedy_seen.add(tuple(proposal.state))
+            record["distinct_greedy_states"] = len(self._greedy_seen)
+        self.policy_state = proposal.state
+        trainable, total = count_parameters(self.tying.model)
+        record.update({"n_independent": num_independent(self.tying.state), "trainable_params": trainable,
+                       "total_params": total})
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"tying": self.tying.state_dict(), "policy": self.policy.state_dict(),
+                "policy_state": list(self.policy_state), "history": list(self.history),
+                "greedy_seen": [list(s) for s in sorted(self._greedy_seen)]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore on a freshly built model *before* the optimizer is built (tying included)."""
+        self.tying.load_state_dict(sd["tying"])
+        self.policy.load_state_dict(sd["policy"])
+        self.policy_state = list(sd["policy_state"])
+        self.history = list(sd["history"])
+        self._greedy_seen = {tuple(s) for s in sd["greedy_seen"]}

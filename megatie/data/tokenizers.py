@@ -1,0 +1,231 @@
+"""Tokenizers: SentencePiece trained on a corpus sample, GPT-2 byte-level BPE, or a local one.
+
+Every tokenizer exposes the same small surface (``encode``, ``decode``, ``encode_lines``,
+``vocab_size``, ``name`` and special ids) so the shard writer and the loaders never care
+which kind they hold. ``spec()`` returns a picklable description that worker processes use
+to rebuild the tokenizer, because SentencePiece processors and fast tokenizers are cheaper
+to reload than to ship through a pipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from megatie.errors import DataError
+
+# Reserved in every SentencePiece model we train, so the same model serves causal and
+# masked LM and an MLM run never has to retrain the tokenizer.
+SP_CONTROL_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
+GPT2_MISSING = ("GPT-2's tokenizer is not in the local cache; pass --tokenizer sentencepiece "
+                "or a local path")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.model_file = str(model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"cannot load SentencePiece model {self.model_file} ({exc}); "
+                            "pass a valid .model file or --tokenizer sentencepiece") from None
+        self.vocab_size = int(self.sp.get_piece_size())
+        self.sha256 = file_sha256(self.model_file)
+        self.name = f"sentencepiece-{self.vocab_size}-{self.sha256[:16]}"
+        self.eos_id = int(self.sp.eos_id())
+        self.bos_id = int(self.sp.bos_id())
+        self.pad_id = int(self.sp.pad_id())
+        self.unk_id = int(self.sp.unk_id())
+        ids = {s: int(self.sp.piece_to_id(s)) for s in SP_CONTROL_SYMBOLS}
+        # piece_to_id returns unk for pieces a foreign model lacks.
+        ids = {s: (i if i != self.unk_id else None) for s, i in ids.items()}
+        self.mask_id, self.cls_id, self.sep_id = ids["[MASK]"], ids["[CLS]"], ids["[SEP]"]
+        # A line is encoded as its pieces followed by EOS, which stands for the line break
+        # that SentencePiece's whitespace normalisation would otherwise erase.
+        self.line_end_ids = [self.eos_id] if self.eos_id >= 0 else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def encode_lines(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        # Worker processes pass num_threads=1: the parallelism is already one process per core.
+        out = self.sp.encode(lines) if num_threads is None else self.sp.encode(lines, num_threads=num_threads)
+        end = self.line_end_ids
+        for ids in out:
+            ids.extend(end)
+        return out
+
+    @property
+    def special_ids(self) -> list[int]:
+        ids = [self.eos_id, self.bos_id, self.pad_id, self.unk_id,
+               self.mask_id, self.cls_id, self.sep_id]
+        return sorted({i for i in ids if i is not None and i >= 0})
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "path": self.model_file}
+
+
+class HFTokenizer:
+    """A transformers tokenizer loaded strictly from local files (GPT-2 or a local dir)."""
+
+    kind = "hf"
+
+    def __init__(self, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        self.name_or_path = name_or_path
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except Exception:  # OSError, ValueError, EnvironmentError depending on the version
+            if name_or_path == "gpt2":
+                raise DataError(GPT2_MISSING) from None
+            raise DataError(f"cannot load a tokenizer from {name_or_path}; pass a directory "
+                            "with tokenizer.json / vocab files, a .model file, or "
+                            "--tokenizer sentencepiece") from None
+        self.vocab_size = int(len(self.tok))
+        self.eos_id = self.tok.eos_token_id
+        self.bos_id = self.tok.bos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.unk_id = self.tok.unk_token_id
+        self.mask_id = self.tok.mask_token_id
+        self.cls_id = self.tok.cls_token_id
+        self.sep_id = self.tok.sep_token_id
+        if name_or_path == "gpt2":
+            self.name = f"gpt2-{self.vocab_size}"
+        else:
+            h = hashlib.sha256()
+            for f in sorted(Path(name_or_path).glob("*")):
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".merges"):
+                    h.update(f.name.encode())
+                    h.update(file_sha256(f).encode())
+            self.name = f"hf-{Path(name_or_path).name}-{self.vocab_size}-{h.hexdigest()[:16]}"
+        # Byte-level BPE keeps the newline itself, which is the faithful line break.
+        nl = self.tok.encode("\n", add_special_tokens=False)
+        self.line_end_ids = nl if len(nl) == 1 else ([self.eos_id] if self.eos_id is not None else [])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def encode_lines(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        out = self.tok(lines, add_special_tokens=False)["input_ids"]
+        end = self.line_end_ids
+        for ids in out:
+            ids.extend(end)
+        return out
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(set(int(i) for i in self.tok.all_special_ids))
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "path": self.name_or_path}
+
+
+def load_tokenizer(spec: dict):
+    """Rebuild a tokenizer from ``spec()`` (used by worker processes and prepared dirs)."""
+    if spec["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(spec["path"])
+    return HFTokenizer(spec["path"])
+
+
+def resolve_tokenizer(name: str):
+    """A ready tokenizer for 'gpt2' or a local path; None for 'sentencepiece' (needs training)."""
+    if name == "sentencepiece":
+        return None
+    if name == "gpt2":
+        return HFTokenizer("gpt2")
+    p = Path(os.path.expanduser(name))
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer(p)
+    if p.is_dir():
+        models = sorted(p.glob("*.model"))
+        if not any((p / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")) and models:
+            return SentencePieceTokenizer(models[0])
+        return HFTokenizer(str(p))
+    raise DataError(f"unknown tokenizer {name!r}; use 'sentencepiece', 'gpt2', a local tokenizer "
+                    "directory or a SentencePiece .model file")
+
+
+def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str | os.PathLike,
+                        num_threads: int | None = None) -> SentencePieceTokenizer:
+    """Train (or fetch from cache) a unigram SentencePiece model on ``sample_lines``.
+
+    The cache key is the sample's content hash and the vocabulary size, so an unchanged
+    corpus never retrains. The model is trained in a temporary directory and renamed into
+    place, so a killed run never leaves a truncated model that looks usable.
+    """
+    import sentencepiece as spm
+
+    h = hashlib.sha256()
+    for line in sample_lines:
+        h.update(line.encode("utf-8"))
+        h.update(b"\n")
+    key = f"sp-{vocab_size}-{h.hexdigest()[:24]}"
+    root = Path(os.path.expanduser(cache_dir)) / "tokenizers"
+    final = root / key
+    model = final / "spm.model"
+    if model.is_file():
+        return SentencePieceTokenizer(model)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    try:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample_lines),
+                model_prefix=str(tmp / "spm"),
+                vocab_size=vocab_size,
+                model_type="unigram",
+                character_coverage=0.9995,
+                # Sampling bounds training time on large corpora; the unigram EM cost grows
+                # with the sentence count, not with the corpus we later encode.
+                input_sentence_size=300_000,
+                shuffle_input_sentence=True,
+                num_threads=num_threads or max(1, os.cpu_count() or 1),
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                control_symbols=list(SP_CONTROL_SYMBOLS),
+                byte_fallback=True,
+                minloglevel=2,
+            )
+        except RuntimeError as exc:
+            text = str(exc)
+            m = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", text)
+            if m:  # byte fallback alone needs 256 pieces, plus every distinct character
+                raise DataError(f"--vocab-size {vocab_size} is too small for this corpus: SentencePiece needs at "
+                                f"least {m.group(1)} pieces") from None
+            msg = text.splitlines()[-1][:200] if text else "training failed"
+            raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary on this "
+                            f"corpus ({msg}); pass a smaller --vocab-size or more text") from None
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process won the race; its model is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return SentencePieceTokenizer(model)

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad flag, a missing file, a corrupt checkpoint) raises a
+``MegatieError``; launchers print its message on one line and exit with status 2, never a
+traceback. Programming errors stay ordinary exceptions.
+"""
+
+
+class MegatieError(Exception):
+    """An error caused by user input; its message says what to change."""
+
+
+class ConfigError(MegatieError, ValueError):
+    """An invalid flag, config value or tie vector."""
+
+
+class DataError(MegatieError):
+    """A missing, empty, unreadable or inconsistent corpus or data directory."""
+
+
+class CheckpointError(MegatieError):
+    """A checkpoint that is missing, corrupt or does not match the run."""

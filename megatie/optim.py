@@ -1,0 +1,67 @@
+"""A plain torch optimizer that follows the tie groups.
+
+After every decision the optimizer must hold exactly the unique trainable tensors of the model:
+survivors keep their state, an untied block starts with a copy of its source's state (moments and
+step count), a tied block's state is dropped so its memory is freed. This is the reference the
+DeepSpeed engine integration is checked against, step for step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from megatie.kernels import multi_tensor_copy_
+from megatie.tying import RegroupPlan, unique_parameters
+
+
+def decay_group(param: torch.Tensor) -> int:
+    """0: weight-decayed (matrices, embeddings), 1: not decayed (biases, norm scales)."""
+    return 0 if param.ndim >= 2 else 1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    for p in unique_parameters(model, trainable_only=True):
+        groups[decay_group(p)]["params"].append(p)
+    return groups
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
+                eps: float = 1e-8) -> torch.optim.AdamW:
+    # foreach=False: the per-parameter loop gives results independent of how tensors are grouped,
+    # so a regrouped optimizer and an uninterrupted one are bit-identical.
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def clone_state(state: dict) -> dict:
+    """Deep copy of one parameter's optimizer state (tensors copied, scalars kept)."""
+    out = {}
+    tensors = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+    copies = [torch.empty_like(v) for _, v in tensors]
+    multi_tensor_copy_(copies, [v for _, v in tensors])
+    out.update({k: c for (k, _), c in zip(tensors, copies)})
+    out.update({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
+    return out
+
+
+def regroup_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, plan: RegroupPlan) -> None:
+    """Make ``optimizer`` track the model's current unique trainable tensors after ``plan``."""
+    if not plan.changes_parameters:
+        return
+    old_state = optimizer.state
+    new_state: dict = defaultdict(dict)
+    sources = {id(p): src for p, src in plan.created}
+    for group in optimizer.param_groups:
+        group["params"] = []
+    for p in unique_parameters(model, trainable_only=True):
+        optimizer.param_groups[min(decay_group(p), len(optimizer.param_groups) - 1)]["params"].append(p)
+        if id(p) in sources:
+            src = sources[id(p)]
+            if src is not None and src in old_state and old_state[src]:
+                new_state[p] = clone_state(old_state[src])
+        elif p in old_state:
+            new_state[p] = old_state[p]
+    optimizer.state = new_state

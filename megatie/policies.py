@@ -1,0 +1,217 @@
+"""Tying policies: who decides the state, and how (SPEC §2, the paper's Table 4).
+
+Every policy answers the same questions, so the controller and the launcher treat them alike:
+- ``initial_state()`` and ``frozen_start``: the structure before the first decision;
+- ``decides``: whether decisions are scheduled at all (static patterns never change);
+- ``ties``: whether a decision ties blocks or only replicates weights (ablation v);
+- ``propose(state, index)``: the next action and state; ``observe(...)``: learn from a reward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from megatie.agent import AgentConfig, QLearningAgent
+from megatie.errors import ConfigError
+from megatie.state import (
+    action_for_state,
+    all_tied_state,
+    identity_state,
+    permute_state,
+    state_from_action,
+    validate_state,
+)
+
+
+@dataclass
+class Proposal:
+    action: list[int]
+    state: list[int]
+    explored: bool = False
+
+
+class TyingPolicy:
+    name = "base"
+    frozen_start = False
+    decides = True
+    ties = True
+    learns = False
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+
+    def initial_state(self) -> list[int]:
+        return identity_state(self.num_blocks)
+
+    def initial_frozen(self) -> list[int]:
+        return list(range(1, self.num_blocks)) if self.frozen_start else []
+
+    def propose(self, state: list[int], index: int) -> Proposal:
+        raise NotImplementedError
+
+    def observe(self, state, action, reward: float, next_state) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+class StaticPolicy(TyingPolicy):
+    """A fixed tie map from the first step on; no decisions, no frozen phase."""
+
+    decides = False
+
+    def __init__(self, num_blocks: int, state: list[int], name: str = "static"):
+        super().__init__(num_blocks)
+        self.state = validate_state(state, num_blocks)
+        self.name = name
+
+    def initial_state(self) -> list[int]:
+        return list(self.state)
+
+
+def cycle_state(num_blocks: int) -> list[int]:
+    """Block L/2 + i tied to block i."""
+    half = num_blocks // 2 + num_blocks % 2
+    return [i if i < half else i - half for i in range(num_blocks)]
+
+
+def cycle_rev_state(num_blocks: int) -> list[int]:
+    """Block i >= L/2 tied to block L-1-i."""
+    half = num_blocks // 2 + num_blocks % 2
+    return [i if i < half else num_blocks - 1 - i for i in range(num_blocks)]
+
+
+def sequence_state(num_blocks: int) -> list[int]:
+    """Block 2m+1 tied to block 2m."""
+    return [i - (i % 2) for i in range(num_blocks)]
+
+
+class QLearningPolicy(TyingPolicy):
+    """The paper's agent: eps-greedy Q-learning over whole action vectors."""
+
+    name = "qlearning"
+    frozen_start = True
+    learns = True
+
+    def __init__(self, num_blocks: int, agent_config: AgentConfig | None = None, seed: int = 0,
+                 frozen_start: bool = True, ties: bool = True, name: str = "qlearning"):
+        super().__init__(num_blocks)
+        self.agent = QLearningAgent(num_blocks, agent_config, seed=seed)
+        self.frozen_start, self.ties, self.name = frozen_start, ties, name
+
+    def initial_state(self) -> list[int]:
+        # The paper starts from the all-zero state vector while blocks 1..L-1 sit frozen.
+        return all_tied_state(self.num_blocks) if self.frozen_start else identity_state(self.num_blocks)
+
+    def propose(self, state, index):
+        action, explored = self.agent.act(state)
+        return Proposal(action, state_from_action(action), explored)
+
+    def observe(self, state, action, reward, next_state):
+        return self.agent.update(state, action, reward, next_state)
+
+    def state_dict(self):
+        return {"agent": self.agent.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.agent.load_state_dict(sd["agent"])
+
+
+class ReplayPolicy(TyingPolicy):
+    """Replays a recorded sequence of states (optionally under a fixed block permutation)."""
+
+    frozen_start = True
+
+    def __init__(self, num_blocks: int, states: list[list[int]], permutation: list[int] | None = None,
+                 name: str = "replay"):
+        super().__init__(num_blocks)
+        if not states:
+            raise ConfigError("the reference run recorded no decisions to replay")
+        self.states = [validate_state(s, num_blocks) for s in states]
+        if permutation is not None:
+            self.states = [permute_state(s, permutation) for s in self.states]
+        self.permutation = permutation
+        self.name = name
+
+    def initial_state(self):
+        return all_tied_state(self.num_blocks)
+
+    def propose(self, state, index):
+        # After the recording ends, the last recorded state is kept.
+        s = self.states[min(index, len(self.states) - 1)]
+        return Proposal(action_for_state(s), list(s))
+
+
+# ----------------------------------------------------------------------------- reference runs
+def load_reference_run(run_dir: str) -> dict:
+    """Read the decisions and summary of an earlier run (for static / replay / vanilla ablations)."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(summary_path) or not os.path.isfile(metrics_path):
+        raise ConfigError(f"{run_dir!r} is not a finished run directory (summary.json and metrics.jsonl needed)")
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        states = []
+        with open(metrics_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("event") == "decision":
+                        states.append(row["state"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read reference run {run_dir!r}: {e}") from None
+    return {"summary": summary, "states": states}
+
+
+POLICIES = {
+    "conventional": "no tying: every block trains its own weights",
+    "qlearning": "the paper's Q-learning agent (frozen start, eps-greedy, TD updates)",
+    "vanilla": "(i) conventional with as many blocks as the reference run ended with",
+    "static": "(ii) the reference run's final tie map (or --static-state) from the start",
+    "replay-permuted": "(iii) the reference run's states under a fixed permutation of blocks",
+    "replay": "(iv) the reference run's states, replayed without Q",
+    "replicate-only": "(v) replicate weights at decisions but never tie",
+    "all-trainable": "(vi) Q-learning with every block trainable at init (no frozen phase)",
+    "cycle": "(vii) block L/2+i tied to block i",
+    "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
+    "sequence": "(ix) block 2m+1 tied to block 2m",
+}
+
+
+def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentConfig | None = None,
+                 reference: dict | None = None, static_state: list[int] | None = None) -> TyingPolicy:
+    """Build a policy by its launcher name (see ``POLICIES``)."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown tie policy {name!r}; choose one of {', '.join(POLICIES)}")
+    needs_reference = name in ("replay", "replay-permuted") or (name == "static" and static_state is None)
+    if needs_reference and reference is None:
+        raise ConfigError(f"tie policy {name!r} needs --reference-run DIR (a finished qlearning run)")
+    if name in ("conventional", "vanilla"):
+        return StaticPolicy(num_blocks, identity_state(num_blocks), name=name)
+    if name == "qlearning":
+        return QLearningPolicy(num_blocks, agent_config, seed)
+    if name == "all-trainable":
+        return QLearningPolicy(num_blocks, agent_config, seed, frozen_start=False, name=name)
+    if name == "replicate-only":
+        return QLearningPolicy(num_blocks, agent_config, seed, ties=False, name=name)
+    if name == "static":
+        state = static_state if static_state is not None else reference["summary"].get("final_state")
+        if state is None:
+            raise ConfigError("the reference run's summary.json has no final_state")
+        return StaticPolicy(num_blocks, state, name="static")
+    if name in ("replay", "replay-permuted"):
+        perm = None
+        if name == "replay-permuted":
+            perm = list(range(num_blocks))
+            random.Random(seed).shuffle(perm)
+        return ReplayPolicy(num_blocks, reference["states"], perm, name=name)
+    pattern = {"cycle": cycle_state, "cycle-rev": cycle_rev_state, "sequence": sequence_state}[name]
+    return StaticPolicy(num_blocks, pattern(num_blocks), name=name)

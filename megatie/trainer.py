@@ -1,0 +1,296 @@
+"""The training loop: data, model, tying controller, an optimisation engine, logs, checkpoints.
+
+Read top to bottom: ``Trainer.__init__`` builds everything (resuming if asked), ``train()`` runs
+the schedule and writes ``summary.json``. The optimisation itself lives in an *engine*:
+``TorchEngine`` here (one process, plain AdamW, the reference), or the DeepSpeed one in
+``megatie.zero``. Both expose ``train_step``, ``regroup``, ``lr``, ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from megatie.agent import AgentConfig
+from megatie.checkpoint import (
+    load_checkpoint,
+    load_model_tensors,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    step_name,
+)
+from megatie.config import TrainConfig
+from megatie.controller import TieController
+from megatie.data import build_lm_data
+from megatie.errors import CheckpointError, ConfigError
+from megatie.memory import MemoryMonitor
+from megatie.metrics import MetricsLogger, write_json_atomic
+from megatie.models import build_gpt2
+from megatie.optim import build_adamw, regroup_optimizer
+from megatie.policies import build_policy, load_reference_run
+from megatie.state import num_independent
+from megatie.tying import LayerTying, count_parameters, unique_parameters
+
+# Config fields that must match between a checkpoint and the run that resumes it.
+_STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+class TorchEngine:
+    """One process, AdamW over the unique trainable tensors, regrouped at every decision."""
+
+    def __init__(self, model, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        self.model.train()
+        total = 0.0
+        for batch in micro_batches:
+            loss = causal_lm_loss(self.model, batch.to(self.device)) / len(micro_batches)
+            loss.backward()
+            total += float(loss.detach())
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unique_parameters(self.model, trainable_only=True), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def regroup(self, plan) -> None:
+        regroup_optimizer(self.optimizer, self.model, plan)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, barrier=None,
+                 engine_factory=TorchEngine, device: torch.device | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+        reference = load_reference_run(cfg.reference_run) if cfg.reference_run else None
+        if cfg.tie_policy == "vanilla":
+            layers = cfg.vanilla_layers or (reference or {}).get("summary", {}).get("final_independent_layers")
+            if not layers:
+                raise ConfigError("tie policy 'vanilla' needs --vanilla-layers N or --reference-run DIR")
+            cfg.n_layer = int(layers)
+        self.cfg = cfg = cfg.resolved()
+        torch.manual_seed(cfg.seed)
+        # Read the checkpoint first: a bad one fails before any expensive setup.
+        checkpoint = load_checkpoint(resolve_resume(cfg.resume, cfg.out_dir)) if cfg.resume else None
+
+        self.data = build_lm_data(
+            train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
+            tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+            cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size, barrier=barrier)
+        # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
+        cfg.vocab_size = self.data.vocab_size
+
+        self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
+                                cfg.dropout, seed=cfg.seed).to(self.device)
+        self.tying = LayerTying(self.model, cfg.tie_mode)
+        agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min)
+        self.policy = build_policy(cfg.tie_policy, cfg.n_layer, seed=cfg.seed, agent_config=agent_config,
+                                   reference=reference, static_state=cfg.static_state)
+        self.controller = TieController(self.tying, self.policy, cfg.tie_every, cfg.reward,
+                                        regroup=lambda plan: self.engine.regroup(plan),
+                                        reward_loss=self._reward_loss)
+        # Reward batches come from their own generator so that the training data order is the
+        # same for every policy with the same seed.
+        self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.loader = self.data.train_loader(cfg.batch_size, cfg.seed, rank, world_size)
+        self.step = 0
+        self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
+                      "best_val_ppl": math.inf, "test_ppl_at_best_val": None}
+
+        if checkpoint is None:
+            self.controller.setup()
+        else:
+            self._restore_structure(checkpoint)
+        self.engine = engine_factory(self.model, cfg, self.device)
+        if checkpoint is not None:
+            # A DeepSpeed engine loads its own files from the checkpoint directory.
+            self.engine.load_state_dict({**checkpoint[1],
+                                        "checkpoint_dir": resolve_resume(cfg.resume, cfg.out_dir)})
+        self.is_main = rank == 0
+        self.logger = MetricsLogger(cfg.out_dir, enabled=self.is_main)
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            write_json_atomic(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _reward_loss(self) -> float:
+        batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            loss = float(causal_lm_loss(self.model, batch.to(self.device)))
+        self.model.train(was_training)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> float:
+        """Perplexity over the split (``--eval-batches`` batches at most), token-weighted."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.data.eval_batches(split, self.cfg.batch_size, self.cfg.eval_batches):
+            batch = batch.to(self.device)
+            n = batch.numel() - batch.shape[0]  # predicted tokens: every position but the first
+            total += float(causal_lm_loss(self.model, batch)) * n
+            count += n
+        self.model.train()
+        return math.exp(min(total / max(count, 1), 80.0))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "controller": self.controller.state_dict(), "loader": self.loader.state_dict(),
+                "reward_generator": self.reward_generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "stats": {k: (None if v is None else float(v)) for k, v in self.stats.items()},
+                "config": {k: getattr(self.cfg, k) for k in _STRUCTURAL}, "world_size": self.world_size}
+
+    def save(self, name: str | None = None) -> str:
+        root = os.path.join(self.cfg.out_dir, "checkpoints")
+        if hasattr(self.engine, "save_checkpoint"):
+            # DeepSpeed: every rank writes its partition; the engine adds the trainer state and
+            # meta.json and renames the directory into place (rank 0 updates ``latest`` last).
+            path = self.engine.save_checkpoint(root, name or step_name(self.step), self._trainer_state())
+        else:
+            path = save_checkpoint(root, name or step_name(self.step), self.model, self.engine.state_dict(),
+                                   self._trainer_state())
+        if name is None and self.is_main:
+            prune_checkpoints(root, self.cfg.keep_checkpoints)
+        return path
+
+    def _restore_structure(self, checkpoint) -> None:
+        tensors, _, state = checkpoint
+        saved = state.get("config", {})
+        for key in _STRUCTURAL:
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise CheckpointError(f"checkpoint was made with {key}={saved[key]!r}, this run has "
+                                      f"{getattr(self.cfg, key)!r}")
+        self.controller.load_state_dict(state["controller"])
+        load_model_tensors(self.model, tensors)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.reward_generator.set_state(state["reward_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.stats.update(state["stats"])
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, until: int | None = None) -> dict:
+        """Train to ``max_steps`` (or stop early at step ``until``, as a preempted job would)."""
+        cfg = self.cfg
+        stop = min(cfg.max_steps, until) if until is not None else cfg.max_steps
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * self.world_size
+        monitor = MemoryMonitor(self.device).start()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True)
+        trainable = count_parameters(self.model)[0]
+        last_val = None
+        try:
+            while self.step < stop:
+                batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+                t0 = time.perf_counter()
+                loss = self.engine.train_step(batches)
+                self.step += 1
+                self.stats["trainable_sum"] += trainable
+                self.stats["independent_sum"] += num_independent(self.tying.state)
+                decision = self.controller.maybe_decide(self.step)
+                self.stats["train_time"] += time.perf_counter() - t0
+                self.stats["tokens"] += tokens_per_step
+                if decision is not None:
+                    trainable = decision["trainable_params"]
+                    self.logger.log(decision, self.step, prefix="tying/")
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    self.logger.log({"event": "train", "step": self.step, "loss": loss, "lr": self.engine.lr,
+                                     "trainable_params": trainable, "n_independent": self.tying.num_independent(),
+                                     "tokens_per_second": self._tokens_per_second()}, self.step, prefix="train/")
+                if self.step % cfg.eval_every == 0 or self.step == stop:
+                    last_val = self._evaluate_and_track()
+                if self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(),
+                                val_ppl="-" if last_val is None else f"{last_val:.1f}")
+        finally:
+            bar.close()
+            memory = monitor.stop()
+        summary = self._summary(memory, last_val if last_val is not None else self.evaluate("valid"))
+        if self.is_main:
+            write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
+        self.logger.close()
+        return summary
+
+    def _tokens_per_second(self) -> float:
+        return self.stats["tokens"] / max(self.stats["train_time"], 1e-9)
+
+    def _evaluate_and_track(self) -> float:
+        val = self.evaluate("valid")
+        row = {"event": "eval", "step": self.step, "val_ppl": val}
+        if val < self.stats["best_val_ppl"]:
+            self.stats["best_val_ppl"] = val
+            if "test" in self.data.splits:
+                self.stats["test_ppl_at_best_val"] = row["test_ppl"] = self.evaluate("test")
+            self.save("best")
+        self.logger.log(row, self.step, prefix="eval/")
+        return val
+
+    def _summary(self, memory: dict, final_val: float) -> dict:
+        steps = max(self.step, 1)
+        trainable, total = count_parameters(self.model)
+        return {
+            "final_val_ppl": final_val,
+            "best_val_ppl": self.stats["best_val_ppl"],
+            "test_ppl_at_best_val": self.stats["test_ppl_at_best_val"],
+            "mean_trainable_params": self.stats["trainable_sum"] / steps,
+            "final_trainable_params": trainable,
+            "total_params": total,
+            "conventional_trainable_params": self.tying.untied_parameter_count(),
+            "mean_independent_layers": self.stats["independent_sum"] / steps,
+            "final_independent_layers": self.tying.num_independent(),
+            "final_state": list(self.tying.state),
+            "decisions": len(self.controller.history),
+            "tokens_per_second": self._tokens_per_second(),
+            "train_time_s": self.stats["train_time"],
+            "peak_memory_bytes": memory["peak_bytes"],
+            "avg_memory_bytes": memory["avg_bytes"],
+            "memory_source": memory["source"],
+            "steps": self.step,
+            "tie_policy": self.cfg.tie_policy,
+            "tie_mode": self.cfg.tie_mode,
+            "reward": self.cfg.reward,
+            "n_layer": self.cfg.n_layer,
+            "world_size": self.world_size,
+        }

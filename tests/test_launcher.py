@@ -1,0 +1,72 @@
+"""The launcher as a user runs it: end to end, and bad input ending in one clear line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launchers", "train_gpt2.py")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("launcher-cache"))
+
+
+def launch(*args, cache_dir, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "MEGATIE_DEBUG"}
+    return subprocess.run([sys.executable, LAUNCHER, "--cache-dir", cache_dir, "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_tiny_preset_end_to_end(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    r = launch("--out-dir", str(out), "--max-steps", "30", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["n_layer"] == 12 and summary["decisions"] == 2
+    assert "final_val_ppl=" in r.stdout
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--train-file", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["--n-layer", "0"], "--n-layer"),
+    (["--n-layer", "abc"], "--n-layer"),
+    (["--preset", "gigantic"], "gigantic"),
+    (["--tie-policy", "telepathy"], "telepathy"),
+    (["--tie-mode", "glue"], "glue"),
+    (["--static-state", "0,x"], "--static-state"),
+    (["--tie-policy", "static", "--n-layer", "2", "--static-state", "0,2"], "out of range"),
+    (["--tie-policy", "replay"], "--reference-run"),
+    (["--resume", "/nonexistent/ckpt"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, cache_dir, args, needle):
+    line = one_line_error(launch("--out-dir", str(tmp_path / "run"), "--max-steps", "2", *args, cache_dir=cache_dir))
+    assert needle in line
+
+
+def test_empty_and_too_short_corpus(tmp_path, cache_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in one_line_error(launch("--train-file", str(empty), "--out-dir", str(tmp_path / "a"),
+                                            cache_dir=cache_dir)).lower()
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n" * 3)
+    line = one_line_error(launch("--train-file", str(short), "--out-dir", str(tmp_path / "b"), "--vocab-size", "296",
+                                 cache_dir=cache_dir))
+    assert "fewer than one sequence" in line
+    line = one_line_error(launch("--train-file", str(short), "--out-dir", str(tmp_path / "c"), "--vocab-size", "64",
+                                 cache_dir=cache_dir))
+    assert "--vocab-size 64 is too small" in line and "needs at least" in line
