@@ -14,7 +14,7 @@ import traceback
 from megatie.config import PRESETS, TrainConfig
 from megatie.errors import MegatieError
 from megatie.policies import POLICIES
-from megatie.agent import REWARDS
+from megatie.agent import REWARD_NORMS, REWARDS
 from megatie.tying import TIE_MODES
 
 
@@ -68,6 +68,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--gamma", type=float, default=d.gamma)
     tie.add_argument("--eps-decay", type=float, default=d.eps_decay)
     tie.add_argument("--eps-min", type=float, default=d.eps_min)
+    tie.add_argument("--reward-norm", default=d.reward_norm, choices=REWARD_NORMS,
+                     help="standardise rewards with a running mean/std before the TD update")
+    tie.add_argument("--target-sync", type=int, default=d.target_sync,
+                     help="bootstrap from a target Q-network refreshed every N updates (0: none)")
+    tie.add_argument("--switch-cost", type=float, default=d.switch_cost,
+                     help="reward penalty per block whose tie changed")
+    tie.add_argument("--reward-delay", action="store_true",
+                     help="reward each action with the loss measured at the next decision")
+    tie.add_argument("--grow-start", type=float, default=d.grow_start,
+                     help="grow: fraction of training with every block tied to block 0")
+    tie.add_argument("--grow-final", type=int, help="grow: groups at the end (default 4)")
+    tie.add_argument("--grow-layout", default=d.grow_layout, choices=["contiguous", "cyclic"],
+                     help="grow: contiguous chunks (1, 2, ..., final groups) or block i -> i mod g "
+                          "(g along a divisor chain such as 1, 2, 4, 12)")
     data = p.add_argument_group("data")
     data.add_argument("--train-file", dest="train_files", action="append", default=[],
                       help="text file or glob (.txt, .jsonl, .gz); repeatable")
@@ -185,6 +199,11 @@ def train_main(argv=None) -> dict:
             # Explicit teardown: without it a rank can abort at interpreter exit.
             if tdist.is_initialized():
                 tdist.destroy_process_group()
+            # The engine froze the garbage collector's view of long-lived objects to keep regroups
+            # short; hand them back so extension modules shut down cleanly at exit.
+            import gc
+
+            gc.unfreeze()
         if rank != 0:
             return summary
     keys = ("steps", "final_val_ppl", "best_val_ppl", "mean_independent_layers", "final_trainable_params",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from megatie.agent import REWARDS
+from megatie.agent import REWARD_NORMS, REWARDS
 from megatie.errors import ConfigError
 from megatie.policies import POLICIES
 from megatie.tying import TIE_MODES
@@ -65,6 +65,13 @@ class TrainConfig:
     gamma: float = 0.99
     eps_decay: float = 0.95
     eps_min: float = 0.1
+    reward_norm: str = "none"
+    target_sync: int = 0
+    switch_cost: float = 0.0
+    reward_delay: bool = False
+    grow_start: float = 0.5
+    grow_final: int | None = None
+    grow_layout: str = "contiguous"
     # data
     train_files: list[str] = field(default_factory=list)
     valid_files: list[str] = field(default_factory=list)
@@ -127,6 +134,16 @@ class TrainConfig:
             raise ConfigError(f"unknown --tie-mode {self.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
         if self.reward not in REWARDS:
             raise ConfigError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.reward_norm not in REWARD_NORMS:
+            raise ConfigError(f"unknown --reward-norm {self.reward_norm!r}; choose one of {', '.join(REWARD_NORMS)}")
+        if self.target_sync < 0 or self.switch_cost < 0:
+            raise ConfigError("--target-sync and --switch-cost must be non-negative")
+        if not 0 <= self.grow_start < 1:
+            raise ConfigError(f"--grow-start must be in [0, 1), got {self.grow_start}")
+        if self.grow_layout not in ("contiguous", "cyclic"):
+            raise ConfigError(f"unknown --grow-layout {self.grow_layout!r}; choose contiguous or cyclic")
+        if self.grow_final is not None and not 1 <= self.grow_final <= self.n_layer:
+            raise ConfigError(f"--grow-final must be in 1..{self.n_layer}, got {self.grow_final}")
         if self.tie_policy not in ("conventional", "vanilla") and self.n_layer < 2:
             raise ConfigError("layer tying needs at least 2 blocks (--n-layer >= 2)")
         if self.train_files and self.dataset:

@@ -3,6 +3,10 @@
 The controller knows nothing about optimizers or engines: the trainer hands it a ``regroup``
 callback (plain torch or DeepSpeed) and a ``reward_loss`` callback that measures the model's loss
 on a fresh random training batch. Both are called identically on every rank.
+
+``reward_delay=True`` rewards the action taken at decision t with the loss measured at decision t+1,
+i.e. after k steps of training under the structure it chose, instead of right after the copy (which
+only measures the damage a copy does, never what the structure is worth once trained).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ class TieController:
     def __init__(self, tying: LayerTying, policy: TyingPolicy, tie_every: int = 15,
                  reward: str = "neg-ppl",
                  regroup: Callable[[RegroupPlan], None] | None = None,
-                 reward_loss: Callable[[], float] | None = None):
+                 reward_loss: Callable[[], float] | None = None, reward_delay: bool = False):
         if tie_every < 1:
             raise ConfigError(f"--tie-every must be a positive number of steps, got {tie_every}")
         reward_from_loss(0.0, reward)  # validates the name
@@ -29,6 +33,9 @@ class TieController:
         self.tying, self.policy, self.tie_every, self.reward = tying, policy, tie_every, reward
         self.regroup = regroup or (lambda plan: None)
         self.reward_loss = reward_loss
+        self.reward_delay = reward_delay
+        # (state, action, next_state, decision index) awaiting its delayed reward.
+        self._pending: tuple | None = None
         self.policy_state = policy.initial_state()  # what the policy believes (differs under replicate-only)
         self.history: list[dict] = []
         self._greedy_seen: set[tuple[int, ...]] = set()
@@ -47,6 +54,14 @@ class TieController:
     def decide(self, step: int) -> dict:
         state = list(self.policy_state)
         old_physical = list(self.tying.state)
+        delayed = None
+        if self.policy.learns and self.reward_delay and self._pending is not None:
+            # Measured before this decision's copies: k steps of training under the previous choice.
+            prev_state, prev_action, prev_next, prev_index = self._pending
+            loss = self._measure()
+            r = reward_from_loss(loss, self.reward)
+            delayed = {"reward": r, "reward_loss": loss, "rewarded_decision": prev_index,
+                       **self.policy.observe(prev_state, prev_action, r, prev_next)}
         proposal = self.policy.propose(state, len(self.history))
         plan = self.tying.apply(proposal.state)
         self.regroup(plan)
@@ -61,17 +76,24 @@ class TieController:
             "state": list(self.tying.state),
             "explored": proposal.explored,
             "structure_changed": self.tying.state != old_physical,
+            # Numeric twins of the flag above, so TensorBoard (which skips booleans) shows settling.
+            "changed_blocks": sum(a != b for a, b in zip(self.tying.state, old_physical)),
+            "structure_changes": sum(bool(r["structure_changed"]) for r in self.history)
+            + (self.tying.state != old_physical),
             **plan.transition.counts(),
         }
         if proposal.state != record["state"]:
             record["policy_state"] = proposal.state
         if self.policy.learns:
-            if self.reward_loss is None:
-                raise RuntimeError("a learning policy needs a reward_loss callback")
-            loss = float(self.reward_loss())
-            r = reward_from_loss(loss, self.reward)
-            record.update({"reward": r, "reward_loss": loss})
-            record.update(self.policy.observe(state, proposal.action, r, proposal.state))
+            if self.reward_delay:
+                if delayed is not None:
+                    record.update(delayed)
+                self._pending = (state, proposal.action, proposal.state, len(self.history))
+            else:
+                loss = self._measure()
+                r = reward_from_loss(loss, self.reward)
+                record.update({"reward": r, "reward_loss": loss})
+                record.update(self.policy.observe(state, proposal.action, r, proposal.state))
             if not proposal.explored:
                 self._greedy_seen.add(tuple(proposal.state))
             record["distinct_greedy_states"] = len(self._greedy_seen)
@@ -82,10 +104,17 @@ class TieController:
         self.history.append(record)
         return record
 
+    def _measure(self) -> float:
+        if self.reward_loss is None:
+            raise RuntimeError("a learning policy needs a reward_loss callback")
+        return float(self.reward_loss())
+
     def state_dict(self) -> dict:
         return {"tying": self.tying.state_dict(), "policy": self.policy.state_dict(),
                 "policy_state": list(self.policy_state), "history": list(self.history),
-                "greedy_seen": [list(s) for s in sorted(self._greedy_seen)]}
+                "greedy_seen": [list(s) for s in sorted(self._greedy_seen)],
+                "pending": None if self._pending is None else [list(self._pending[0]), list(self._pending[1]),
+                                                                list(self._pending[2]), self._pending[3]]}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore on a freshly built model *before* the optimizer is built (tying included)."""
@@ -94,3 +123,6 @@ class TieController:
         self.policy_state = list(sd["policy_state"])
         self.history = list(sd["history"])
         self._greedy_seen = {tuple(s) for s in sd["greedy_seen"]}
+        pending = sd.get("pending")
+        self._pending = None if pending is None else (list(pending[0]), list(pending[1]), list(pending[2]),
+                                                      int(pending[3]))

@@ -124,6 +124,99 @@ class QLearningPolicy(TyingPolicy):
         self.agent.load_state_dict(sd["agent"])
 
 
+def split_order(num_blocks: int) -> list[int]:
+    """The order in which ``grow`` makes blocks independent: always split the longest run of blocks
+    sharing one root in its middle, so g roots cut the stack into near-equal contiguous chunks."""
+    roots = [0]
+    while len(roots) < num_blocks:
+        bounds = sorted(roots) + [num_blocks]
+        start, end = max(zip(bounds, bounds[1:]), key=lambda c: (c[1] - c[0], -c[0]))
+        roots.append(start + (end - start) // 2)
+    return roots
+
+
+def contiguous_state(num_blocks: int, roots) -> list[int]:
+    """Every block tied to the nearest root at or below it."""
+    roots, state, current = set(roots) | {0}, [], 0
+    for i in range(num_blocks):
+        current = i if i in roots else current
+        state.append(current)
+    return state
+
+
+def cyclic_state(num_blocks: int, groups: int) -> list[int]:
+    """Block i shares the weights of block i mod g (the ``cycle`` pattern with g groups)."""
+    return [i % groups for i in range(num_blocks)]
+
+
+def divisor_chain(final: int) -> list[int]:
+    """1 = c0 | c1 | ... | final, each the smallest multiple of the previous that divides ``final``.
+
+    Going from g to g' groups of the cyclic layout is a pure split (nothing is re-tied to a block it
+    did not compute with) exactly when g divides g'."""
+    chain = [1]
+    while chain[-1] < final:
+        c = chain[-1]
+        chain.append(next(m for m in range(2 * c, final + 1, c) if final % m == 0))
+    return chain
+
+
+GROW_LAYOUTS = ("contiguous", "cyclic")
+
+
+class GrowPolicy(TyingPolicy):
+    """A fixed schedule, no learning: every block shares block 0's weights (an ALBERT-like stack,
+    all of it trained) until a fraction ``start`` of training, then the stack is split, in equal
+    stages, into ``final`` groups.
+
+    ``contiguous`` layout: one more root per stage, each block tied to the nearest root below it
+    (stages 1, 2, ..., final). ``cyclic``: block i tied to block i mod g, g along a divisor chain
+    (e.g. 1, 2, 4, 12). Each split is function-preserving: the new root and the blocks that move to
+    it already computed with the old root's weights, and the new root inherits them together with
+    their optimizer state. Mean trainable parameters are averaged over steps, so late splits are
+    cheap: contiguous mean roots ~= start + (1 - start) * (final + 1) / 2.
+    """
+
+    name = "grow"
+
+    def __init__(self, num_blocks: int, total_steps: int, tie_every: int, start: float = 0.5,
+                 final: int | None = None, layout: str = "contiguous"):
+        super().__init__(num_blocks)
+        final = 4 if final is None else final
+        if not 0 <= start < 1:
+            raise ConfigError(f"--grow-start must be in [0, 1), got {start}")
+        if not 1 <= final <= num_blocks:
+            raise ConfigError(f"--grow-final must be in 1..{num_blocks}, got {final}")
+        if total_steps < 1 or tie_every < 1:
+            raise ConfigError("grow needs a positive number of steps and --tie-every")
+        if layout not in GROW_LAYOUTS:
+            raise ConfigError(f"unknown --grow-layout {layout!r}; choose one of {', '.join(GROW_LAYOUTS)}")
+        self.total_steps, self.tie_every, self.start, self.final = total_steps, tie_every, start, final
+        self.layout = layout
+        self.order = split_order(num_blocks)
+        self.chain = list(range(1, final + 1)) if layout == "contiguous" else divisor_chain(final)
+
+    def initial_state(self):
+        return all_tied_state(self.num_blocks)
+
+    def groups_at(self, step: int) -> int:
+        progress = step / self.total_steps
+        if progress < self.start:
+            return 1
+        n = len(self.chain)
+        return self.chain[min(n - 1, int(n * (progress - self.start) / (1 - self.start)))]
+
+    def state_for(self, groups: int) -> list[int]:
+        if self.layout == "cyclic":
+            return cyclic_state(self.num_blocks, groups)
+        return contiguous_state(self.num_blocks, self.order[:groups])
+
+    def propose(self, state, index):
+        # Decision ``index`` happens after (index + 1) * k optimizer steps.
+        s = self.state_for(self.groups_at((index + 1) * self.tie_every))
+        return Proposal(action_for_state(s), s)
+
+
 class ReplayPolicy(TyingPolicy):
     """Replays a recorded sequence of states (optionally under a fixed block permutation)."""
 
@@ -183,17 +276,25 @@ POLICIES = {
     "cycle": "(vii) block L/2+i tied to block i",
     "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
     "sequence": "(ix) block 2m+1 tied to block 2m",
+    "grow": "all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
+            "in equal stages after --grow-start of training (no learning)",
 }
 
 
 def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentConfig | None = None,
-                 reference: dict | None = None, static_state: list[int] | None = None) -> TyingPolicy:
+                 reference: dict | None = None, static_state: list[int] | None = None,
+                 total_steps: int | None = None, tie_every: int = 15, grow_start: float = 0.5,
+                 grow_final: int | None = None, grow_layout: str = "contiguous") -> TyingPolicy:
     """Build a policy by its launcher name (see ``POLICIES``)."""
     if name not in POLICIES:
         raise ConfigError(f"unknown tie policy {name!r}; choose one of {', '.join(POLICIES)}")
     needs_reference = name in ("replay", "replay-permuted") or (name == "static" and static_state is None)
     if needs_reference and reference is None:
         raise ConfigError(f"tie policy {name!r} needs --reference-run DIR (a finished qlearning run)")
+    if name == "grow":
+        if total_steps is None:
+            raise ConfigError("tie policy 'grow' needs the run length (max_steps)")
+        return GrowPolicy(num_blocks, total_steps, tie_every, grow_start, grow_final, grow_layout)
     if name in ("conventional", "vanilla"):
         return StaticPolicy(num_blocks, identity_state(num_blocks), name=name)
     if name == "qlearning":

@@ -121,12 +121,17 @@ class Trainer:
         self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
                                 cfg.dropout, seed=cfg.seed).to(self.device)
         self.tying = LayerTying(self.model, cfg.tie_mode)
-        agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min)
+        agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min,
+                                   reward_norm=cfg.reward_norm, target_sync=cfg.target_sync,
+                                   switch_cost=cfg.switch_cost)
         self.policy = build_policy(cfg.tie_policy, cfg.n_layer, seed=cfg.seed, agent_config=agent_config,
-                                   reference=reference, static_state=cfg.static_state)
+                                   reference=reference, static_state=cfg.static_state,
+                                   total_steps=cfg.max_steps, tie_every=cfg.tie_every,
+                                   grow_start=cfg.grow_start, grow_final=cfg.grow_final,
+                                   grow_layout=cfg.grow_layout)
         self.controller = TieController(self.tying, self.policy, cfg.tie_every, cfg.reward,
                                         regroup=lambda plan: self.engine.regroup(plan),
-                                        reward_loss=self._reward_loss)
+                                        reward_loss=self._reward_loss, reward_delay=cfg.reward_delay)
         # Reward batches come from their own generator so that the training data order is the
         # same for every policy with the same seed.
         self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1)

@@ -129,8 +129,11 @@ def precision_of(user: dict) -> str:
 
 def enable_activation_checkpointing(model) -> None:
     """Non-reentrant recomputation of every block (the method's name changed in transformers 5)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _fsync_dir(path: str) -> None:

@@ -80,9 +80,11 @@ def test_random_actions_cover_the_range():
 def test_td_update_moves_q_toward_target():
     agent = QLearningAgent(5, AgentConfig(lr=1e-2), seed=0)
     s, a, s2 = [0, 0, 0, 0, 0], [0, 1, 0, 3, 3], state_from_action([0, 1, 0, 3, 3])
-    before = float(agent.qnet.q_of_action(agent.qnet(s), a))
+    with torch.no_grad():
+        before = float(agent.qnet.q_of_action(agent.qnet(s), a))
     info = agent.update(s, a, reward=-5.0, next_state=s2)
-    after = float(agent.qnet.q_of_action(agent.qnet(s), a))
+    with torch.no_grad():
+        after = float(agent.qnet.q_of_action(agent.qnet(s), a))
     assert info["q_pred"] == pytest.approx(before)
     with torch.no_grad():
         expected_target = -5.0 + 0.99 * float(agent.qnet.max_value(agent.qnet(s2)))

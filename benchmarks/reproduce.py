@@ -1,0 +1,237 @@
+"""Reproduce the paper's Table 4 (conventional, qlearning, ablations i-ix) plus our own policies.
+
+One command trains every requested row on one corpus and model size, with the same seed, data order
+and number of steps for every row, one run at a time, then writes a markdown table, a JSON file and
+the paper's figures (PNG) for every row that makes decisions:
+
+    python benchmarks/reproduce.py --train-file wikitext2-valid.txt --valid-file wikitext2-test.txt \\
+        --regime short --out-dir runs/repro
+    python benchmarks/reproduce.py ... --regime paper --rows conventional,cycle,qlearning,grow
+
+Regimes: ``short`` (600 steps, ~2.5 epochs of WikiText-2-sized text, one evaluation at the end) and
+``paper`` (1500 steps by default, ~6 epochs, 6 evaluations; the best-on-validation checkpoint is what
+the paper reports, and conventional training starts to overfit a small corpus by then). ``--steps`` overrides either.
+Finished rows (a ``summary.json`` exists) are skipped, so an interrupted command resumes where it
+stopped. Ablations i-iv read the ``qlearning`` row of the same seed as their reference run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launchers", "train_gpt2.py")
+
+# name -> (launcher arguments, what the row is). "{ref}" is the qlearning run of the same seed.
+ROWS: dict[str, tuple[list[str], str]] = {
+    "conventional": (["--tie-policy", "conventional"], "no tying"),
+    "qlearning": (["--tie-policy", "qlearning"], "the paper's agent, reward -PPL (paper-faithful default)"),
+    "vanilla": (["--tie-policy", "vanilla", "--reference-run", "{ref}"],
+                "(i) conventional with the final independent-block count of qlearning"),
+    "static": (["--tie-policy", "static", "--reference-run", "{ref}"], "(ii) qlearning's final tie map, static"),
+    "replay-permuted": (["--tie-policy", "replay-permuted", "--reference-run", "{ref}"],
+                        "(iii) qlearning's states under a fixed block permutation"),
+    "replay": (["--tie-policy", "replay", "--reference-run", "{ref}"], "(iv) qlearning's states without Q"),
+    "replicate-only": (["--tie-policy", "replicate-only"], "(v) replicate at decisions, never tie"),
+    "all-trainable": (["--tie-policy", "all-trainable"], "(vi) no frozen phase"),
+    "cycle": (["--tie-policy", "cycle"], "(vii) block L/2+i tied to i"),
+    "cycle-rev": (["--tie-policy", "cycle-rev"], "(viii) block i >= L/2 tied to L-1-i"),
+    "sequence": (["--tie-policy", "sequence"], "(ix) block 2m+1 tied to 2m"),
+    # Changes to the learning problem, each measured against qlearning above.
+    "qlearning-negloss": (["--tie-policy", "qlearning", "--reward", "neg-loss"], "reward -loss"),
+    "qlearning-norm": (["--tie-policy", "qlearning", "--reward", "neg-loss", "--reward-norm", "running",
+                        "--gamma", "0.5", "--target-sync", "10"],
+                       "-loss standardised, gamma 0.5, target net (sync 10)"),
+    "qlearning-delay": (["--tie-policy", "qlearning", "--reward", "neg-loss", "--reward-norm", "running",
+                         "--gamma", "0.5", "--target-sync", "10", "--reward-delay"],
+                        "as qlearning-norm, reward measured k steps later"),
+    "qlearning-settle": (["--tie-policy", "qlearning", "--reward", "neg-loss", "--reward-norm", "running",
+                          "--gamma", "0.5", "--target-sync", "10", "--reward-delay", "--switch-cost", "0.2",
+                          "--eps-decay", "0.9"],
+                         "as qlearning-delay + switch cost 0.2/block, faster eps decay"),
+    # Schedules without learning.
+    "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),
+    "grow": (["--tie-policy", "grow"], "all tied to block 0, then 2/3/4 contiguous groups after 50% of training"),
+    "grow-6": (["--tie-policy", "grow", "--grow-start", "0.6", "--grow-final", "6"],
+               "all tied, then up to 6 contiguous groups after 60%"),
+    "grow-12": (["--tie-policy", "grow", "--grow-start", "0.8", "--grow-final", "12"],
+                "all tied, then up to 12 groups (fully untied) after 80%"),
+    "grow-cyclic": (["--tie-policy", "grow", "--grow-start", "0", "--grow-final", "12", "--grow-layout", "cyclic"],
+                    "cyclic i mod g, g = 1, 2, 4, 12 in four equal stages"),
+    "grow-wide": (["--tie-policy", "grow", "--grow-start", "0.3", "--grow-final", "12"],
+                  "all tied, then up to 12 groups after 30% (a larger budget, for the cycle comparison)"),
+}
+TABLE4 = ["conventional", "qlearning", "vanilla", "static", "replay-permuted", "replay", "replicate-only",
+          "all-trainable", "cycle", "cycle-rev", "sequence"]
+# Evaluations are a large share of a CPU run, so the short regime evaluates once, at the end (with a
+# cosine schedule final and best coincide); the paper's regime needs a curve to pick the best from.
+REGIMES = {"short": dict(steps=600, evals=1), "paper": dict(steps=1500, evals=6)}
+
+
+def row_args(name: str, ref: str, n_layer: int) -> list[str]:
+    args, _ = ROWS[name]
+    return [a.replace("{ref}", ref).replace("{zeros}", ",".join(["0"] * n_layer)) for a in args]
+
+
+def run_dir(out_dir: str, regime: str, seed: int, name: str) -> str:
+    return os.path.join(out_dir, regime, f"s{seed}", name)
+
+
+def command(opts, name: str, seed: int) -> list[str]:
+    steps = opts.steps or REGIMES[opts.regime]["steps"]
+    evals = REGIMES[opts.regime]["evals"]
+    cmd = [sys.executable, LAUNCHER, "--preset", opts.preset, "--max-steps", str(steps), "--seed", str(seed),
+           "--out-dir", run_dir(opts.out_dir, opts.regime, seed, name), "--eval-every", str(max(1, steps // evals)),
+           "--eval-batches", str(opts.eval_batches), "--no-progress"]
+    for f in opts.train_file:
+        cmd += ["--train-file", f]
+    for f in opts.valid_file:
+        cmd += ["--valid-file", f]
+    ref = run_dir(opts.out_dir, opts.regime, seed, "qlearning")
+    return cmd + row_args(name, ref, opts.n_layer) + opts.extra
+
+
+def ordered(rows: list[str]) -> list[str]:
+    """The reference row first when an ablation needs it."""
+    needs_ref = {"vanilla", "static", "replay-permuted", "replay"}
+    if any(r in needs_ref for r in rows) and "qlearning" not in rows:
+        rows = ["qlearning"] + rows
+    return sorted(rows, key=lambda r: 0 if r == "qlearning" and any(x in needs_ref for x in rows) else 1)
+
+
+def summarise(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+
+
+def collect(opts, rows: list[str]) -> list[dict]:
+    table = []
+    for name in rows:
+        summaries = []
+        for seed in opts.seeds:
+            path = os.path.join(run_dir(opts.out_dir, opts.regime, seed, name), "summary.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    summaries.append({"seed": seed, **json.load(f)})
+        if summaries:
+            table.append({"row": name, "what": ROWS[name][1], "runs": summaries})
+    return table
+
+
+def markdown(table: list[dict], conventional_params: float | None) -> str:
+    head = ("| row | what | seeds | val PPL best | val PPL final | mean trainable (M) | % of conv. | "
+            "final trainable (M) | mean indep. | final indep. | tokens/s |")
+    lines = [head, "|" + "---|" * 11]
+    for t in table:
+        runs = t["runs"]
+        col = lambda key, scale=1.0: summarise([r[key] / scale for r in runs])  # noqa: E731
+        mean_params = statistics.fmean(r["mean_trainable_params"] for r in runs)
+        share = f"{100 * mean_params / conventional_params:.0f}%" if conventional_params else "-"
+        lines.append(f"| {t['row']} | {t['what']} | {','.join(str(r['seed']) for r in runs)} | "
+                     f"{col('best_val_ppl')} | {col('final_val_ppl')} | {col('mean_trainable_params', 1e6)} | "
+                     f"{share} | {col('final_trainable_params', 1e6)} | {col('mean_independent_layers')} | "
+                     f"{col('final_independent_layers')} | {summarise([r['tokens_per_second'] for r in runs])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(opts, rows: list[str]) -> tuple[str, str]:
+    table = collect(opts, rows)
+    conv = next((t for t in table if t["row"] == "conventional"), None)
+    conv_params = statistics.fmean(r["mean_trainable_params"] for r in conv["runs"]) if conv else None
+    base = os.path.join(opts.out_dir, f"results_{opts.regime}")
+    steps = opts.steps or REGIMES[opts.regime]["steps"]
+    md = (f"Regime `{opts.regime}`: {steps} steps, preset `{opts.preset}`, seeds {opts.seeds}; val PPL on the "
+          f"--valid-file text (at most {opts.eval_batches} batches).\n\n" + markdown(table, conv_params))
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"regime": opts.regime, "steps": steps, "preset": opts.preset, "seeds": opts.seeds,
+                   "eval_batches": opts.eval_batches, "rows": table}, f, indent=1)
+    return base + ".md", base + ".json"
+
+
+def draw_figures(opts, rows: list[str]) -> list[str]:
+    from megatie.plots import make_figures
+
+    paths = []
+    seed = opts.seeds[0]
+    for name in rows:
+        d = run_dir(opts.out_dir, opts.regime, seed, name)
+        if os.path.isfile(os.path.join(d, "summary.json")):
+            try:
+                paths += make_figures(d, os.path.join(opts.out_dir, opts.regime, "figures"), prefix=f"{name}_")
+            except Exception as e:  # a figure must never cost the table
+                print(f"figures for {name} failed: {e}", file=sys.stderr)
+    return paths
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train-file", action="append", default=[], help="training text (repeatable)")
+    p.add_argument("--valid-file", action="append", default=[], help="evaluation text")
+    p.add_argument("--regime", choices=sorted(REGIMES), default="short")
+    p.add_argument("--steps", type=int, help="override the regime's step count")
+    p.add_argument("--rows", default=",".join(TABLE4 + ["grow"]),
+                   help=f"comma-separated rows; 'all' for every row. Known: {', '.join(ROWS)}")
+    p.add_argument("--seeds", default="1234", help="comma-separated seeds")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--n-layer", type=int, default=12, help="blocks of the preset (for the all-tied row)")
+    p.add_argument("--eval-batches", type=int, default=400)
+    p.add_argument("--out-dir", default="runs/reproduce")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table and figures")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': more launcher flags for every row")
+    opts = p.parse_args(argv)
+    opts.seeds = [int(s) for s in opts.seeds.split(",") if s]
+    rows = list(ROWS) if opts.rows == "all" else [r for r in opts.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    opts.extra = [a for a in opts.extra if a != "--"]
+    return opts, ordered(rows)
+
+
+def main(argv=None) -> int:
+    opts, rows = parse(argv)
+    if not opts.train_file and not opts.dry_run and not opts.report_only:
+        print("error: --train-file is required", file=sys.stderr)
+        return 2
+    for seed in opts.seeds:
+        for name in rows:
+            d = run_dir(opts.out_dir, opts.regime, seed, name)
+            cmd = command(opts, name, seed)
+            if opts.dry_run:
+                print(" ".join(cmd))
+                continue
+            if opts.report_only or os.path.isfile(os.path.join(d, "summary.json")):
+                continue
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            t0 = time.time()
+            with open(d + ".log", "w", encoding="utf-8") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            print(f"{name} seed {seed}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
+            if rc != 0:
+                print(f"  see {d}.log", file=sys.stderr)
+    if opts.dry_run:
+        return 0
+    md, js = write_report(opts, rows)
+    figures = draw_figures(opts, rows)
+    print(open(md, encoding="utf-8").read())
+    print(f"wrote {md}, {js} and {len(figures)} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The options that change the learning problem, and the grow schedule."""
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+from helpers import VOCAB, lm_loss, tiny_model
+from megatie.agent import AgentConfig, QLearningAgent, RunningStats
+from megatie.config import TrainConfig
+from megatie.controller import TieController
+from megatie.errors import ConfigError
+from megatie.policies import GrowPolicy, build_policy, contiguous_state, split_order
+from megatie.state import num_independent, validate_state
+from megatie.tying import LayerTying
+
+
+def test_split_order_and_contiguous_states():
+    assert split_order(12) == [0, 6, 3, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+    for L in range(1, 14):
+        order = split_order(L)
+        assert sorted(order) == list(range(L))
+        for g in range(1, L + 1):
+            s = validate_state(contiguous_state(L, order[:g]), L)
+            assert num_independent(s) == g
+    assert contiguous_state(12, [0, 6, 3, 9]) == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9]
+
+
+def test_grow_schedule_is_nested_and_cheap():
+    p = GrowPolicy(12, total_steps=600, tie_every=15, start=0.5, final=4)
+    assert p.initial_state() == [0] * 12 and p.initial_frozen() == [] and not p.learns
+    states = [p.propose(None, d).state for d in range(40)]
+    groups = [num_independent(s) for s in states]
+    assert groups == sorted(groups) and groups[0] == 1 and groups[-1] == 4
+    assert groups.index(2) * 15 + 15 >= 300  # nothing unties before half of training
+    for a, b in zip(states, states[1:]):
+        # Nested: a split only moves blocks from an old root to a new root inside its group.
+        assert all(b[i] in (a[i], i) or a[b[i]] == a[i] for i in range(12))
+    mean = statistics.fmean(p.groups_at(s) for s in range(1, 601))
+    assert mean == pytest.approx(0.5 + 0.5 * 2.5, abs=0.05)
+    with pytest.raises(ConfigError):
+        build_policy("grow", 12)  # needs the run length
+    with pytest.raises(ConfigError):
+        GrowPolicy(12, 600, 15, start=1.0)
+    with pytest.raises(ConfigError):
+        GrowPolicy(12, 600, 15, final=13)
+
+
+def test_grow_splits_are_function_preserving():
+    model = tiny_model("gpt2", n_layer=6)
+    tying = LayerTying(model)
+    ctl = TieController(tying, build_policy("grow", 6, total_steps=8, tie_every=1, grow_start=0.0,
+                                            grow_final=6), tie_every=1)
+    ctl.setup()
+    batch = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        for p in tying.root_parameters(0):  # not the init: the split must preserve trained weights
+            p.add_(0.01 * torch.randn_like(p))
+        before = float(lm_loss(model, batch))
+        for step in range(1, 9):
+            rec = ctl.decide(step)
+            assert float(lm_loss(model, batch)) == pytest.approx(before, rel=1e-5)
+    assert rec["state"] == [0, 1, 2, 3, 4, 5]
+    # 1 -> 6 roots in five splits; the last decision finds nothing left to split.
+    assert rec["structure_changes"] == 5 and rec["changed_blocks"] == 0 and not rec["structure_changed"]
+
+
+def test_running_stats_match_statistics():
+    xs = [-3.0, 5.5, 2.25, -1.0, 8.0]
+    rs = RunningStats()
+    for x in xs:
+        rs.add(x)
+    assert rs.mean == pytest.approx(statistics.fmean(xs))
+    assert rs.std == pytest.approx(statistics.stdev(xs))
+    clone = RunningStats()
+    clone.load_state_dict(rs.state_dict())
+    assert clone.normalise(1.0) == rs.normalise(1.0)
+
+
+def test_reward_norm_keeps_targets_on_the_network_scale():
+    L = 6
+    rewards = [-1378.0, -900.0, -450.0, -200.0, -118.0] * 4
+    raw = QLearningAgent(L, AgentConfig(), seed=0)
+    normed = QLearningAgent(L, AgentConfig(reward_norm="running"), seed=0)
+    state, action = [0] * L, list(range(L))
+    for r in rewards:
+        a = raw.update(state, action, r, list(range(L)))
+        b = normed.update(state, action, r, list(range(L)))
+    assert abs(a["td_target"]) > 100
+    assert abs(b["td_target"]) < 5 and "shaped_reward" in b and "shaped_reward" not in a
+
+
+def test_switch_cost_and_target_network():
+    L = 5
+    agent = QLearningAgent(L, AgentConfig(switch_cost=0.5, target_sync=3, gamma=0.9), seed=1)
+    s, s2 = [0, 1, 2, 3, 4], [0, 0, 2, 2, 4]
+    out = agent.update(s, [0, 0, 2, 2, 4], -1.0, s2)
+    assert out["shaped_reward"] == pytest.approx(-1.0 - 0.5 * 2)
+    frozen = {k: v.clone() for k, v in agent.target_net.state_dict().items()}
+    agent.update(s, [0, 0, 2, 2, 4], -1.0, s2)
+    assert all(torch.equal(frozen[k], v) for k, v in agent.target_net.state_dict().items())
+    agent.update(s, [0, 0, 2, 2, 4], -1.0, s2)  # the third update refreshes the target
+    assert all(torch.equal(agent.qnet.state_dict()[k], v) for k, v in agent.target_net.state_dict().items())
+    clone = QLearningAgent(L, AgentConfig(switch_cost=0.5, target_sync=3, gamma=0.9), seed=2)
+    clone.load_state_dict(agent.state_dict())
+    assert clone.updates == 3 and clone.greedy_action(s) == agent.greedy_action(s)
+    with pytest.raises(ConfigError):
+        QLearningAgent(L, AgentConfig(reward_norm="z"))
+
+
+def make_delayed(seed=0, setup=True):
+    model = tiny_model("gpt2", n_layer=5)
+    tying = LayerTying(model)
+    policy = build_policy("qlearning", 5, seed=seed,
+                          agent_config=AgentConfig(reward_norm="running", target_sync=2))
+    gen = torch.Generator().manual_seed(3)
+    ctl = TieController(tying, policy, tie_every=2, reward="neg-loss", reward_delay=True,
+                        reward_loss=lambda: float(lm_loss(model, torch.randint(0, VOCAB, (2, 8), generator=gen))))
+    if setup:
+        ctl.setup()
+    return ctl, gen, model
+
+
+def test_delayed_reward_rewards_the_previous_action_and_round_trips():
+    from megatie.checkpoint import load_model_tensors, unique_state_dict
+
+    ctl, gen, model = make_delayed()
+    first = ctl.decide(2)
+    assert "reward" not in first and "q_pred" not in first
+    second = ctl.decide(4)
+    assert second["rewarded_decision"] == 0 and math.isfinite(second["td_error"])
+    assert second["distinct_greedy_states"] >= 0 and "structure_changed" in second
+    # Deep copies: a state dict holds live tensors, as a checkpoint file would not.
+    sd, gen_state = copy.deepcopy(ctl.state_dict()), gen.get_state()
+    tensors = {k: v.clone() for k, v in unique_state_dict(model).items()}
+    assert sd["pending"][3] == 1
+    tail_a = [ctl.decide(s) for s in (6, 8, 10)]
+    other, gen2, model2 = make_delayed(seed=9, setup=False)  # everything must come from the state dict
+    other.load_state_dict(sd)
+    load_model_tensors(model2, tensors)
+    gen2.set_state(gen_state)
+    tail_b = [other.decide(s) for s in (6, 8, 10)]
+    for a, b in zip(tail_a, tail_b):
+        assert a["state"] == b["state"] and a["reward"] == pytest.approx(b["reward"], rel=1e-5)
+        assert a["q_pred"] == pytest.approx(b["q_pred"], rel=1e-5, abs=1e-6)
+
+
+def test_config_validates_new_options():
+    with pytest.raises(ConfigError):
+        TrainConfig(reward_norm="zscore").resolved()
+    with pytest.raises(ConfigError):
+        TrainConfig(switch_cost=-1).resolved()
+    with pytest.raises(ConfigError):
+        TrainConfig(grow_final=20).resolved()
+    assert TrainConfig(tie_policy="grow", grow_final=12).resolved().grow_final == 12
+
+
+def test_new_options_train_end_to_end(tmp_path):
+    from megatie.trainer import Trainer
+
+    base = dict(cache_dir=str(tmp_path / "cache"), n_layer=4, n_embd=32, n_head=2, seq_len=32, batch_size=4,
+                vocab_size=512, max_steps=16, tie_every=4, eval_every=8, eval_batches=2, log_every=4,
+                progress=False, seed=7)
+    grow = Trainer(TrainConfig(out_dir=str(tmp_path / "grow"), tie_policy="grow", grow_start=0.25, grow_final=4,
+                               **base)).train()
+    assert grow["final_independent_layers"] == 4 and grow["mean_independent_layers"] < 4
+    q = Trainer(TrainConfig(out_dir=str(tmp_path / "q"), tie_policy="qlearning", reward="neg-loss",
+                            reward_norm="running", target_sync=2, switch_cost=0.1, reward_delay=True,
+                            **base)).train()
+    assert q["decisions"] == 4 and math.isfinite(q["final_val_ppl"])
+
+
+def test_cyclic_grow_follows_a_divisor_chain():
+    from megatie.policies import cyclic_state, divisor_chain
+
+    assert divisor_chain(12) == [1, 2, 4, 12] and divisor_chain(6) == [1, 2, 6] and divisor_chain(1) == [1]
+    p = GrowPolicy(12, total_steps=600, tie_every=15, start=0.0, final=12, layout="cyclic")
+    states = [p.propose(None, d).state for d in range(40)]
+    assert states[0] == [0] * 12 and states[-1] == list(range(12))
+    assert {tuple(s) for s in states} == {tuple(cyclic_state(12, g)) for g in (1, 2, 4, 12)}
+    for a, b in zip(states, states[1:]):
+        # Pure splits: a block only moves to a root that shared its old root.
+        assert all(a[b[i]] == a[i] for i in range(12))
+    assert statistics.fmean(p.groups_at(s) for s in range(1, 601)) == pytest.approx(19 / 4, abs=0.05)
+    with pytest.raises(ConfigError):
+        GrowPolicy(12, 600, 15, layout="spiral")

@@ -1,0 +1,111 @@
+"""benchmarks/reproduce.py (commands, table) and megatie/plots.py (the paper's figures)."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatie import plots
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "benchmarks", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def test_every_row_gets_the_same_seed_steps_and_data(capsys):
+    rep = load_reproduce()
+    opts, rows = rep.parse(["--train-file", "t.txt", "--valid-file", "v.txt", "--rows", "all", "--seeds", "7,8",
+                            "--regime", "paper", "--out-dir", "out"])
+    assert rows[0] == "qlearning" and set(rows) == set(rep.ROWS)
+    assert set(rep.TABLE4) <= set(rep.ROWS)
+    for seed in opts.seeds:
+        cmds = {r: rep.command(opts, r, seed) for r in rows}
+        assert {flag(c, "--seed") for c in cmds.values()} == {str(seed)}
+        assert {flag(c, "--max-steps") for c in cmds.values()} == {"1500"}
+        assert {flag(c, "--train-file") for c in cmds.values()} == {"t.txt"}
+        assert flag(cmds["static"], "--reference-run") == os.path.join("out", "paper", f"s{seed}", "qlearning")
+        assert flag(cmds["all-tied"], "--static-state") == ",".join(["0"] * 12)
+    opts, rows = rep.parse(["--rows", "vanilla,cycle"])
+    assert rows == ["qlearning", "vanilla", "cycle"]  # the reference run comes first
+    with pytest.raises(SystemExit):
+        rep.parse(["--rows", "nonsense"])
+    assert rep.main(["--dry-run", "--rows", "cycle", "--steps", "50"]) == 0
+    assert "--max-steps 50" in capsys.readouterr().out
+
+
+def fake_summary(policy, ppl, params, indep):
+    return {"best_val_ppl": ppl, "final_val_ppl": ppl + 1, "mean_trainable_params": params,
+            "final_trainable_params": params, "mean_independent_layers": indep, "final_independent_layers": indep,
+            "tokens_per_second": 1000.0, "tie_policy": policy}
+
+
+def test_report_aggregates_seeds(tmp_path):
+    rep = load_reproduce()
+    opts, rows = rep.parse(["--rows", "conventional,grow", "--seeds", "1,2", "--out-dir", str(tmp_path)])
+    for seed, ppl in ((1, 50.0), (2, 52.0)):
+        for row, params, indep in (("conventional", 3e6, 12), ("grow", 1e6, 2)):
+            d = rep.run_dir(str(tmp_path), "short", seed, row)
+            os.makedirs(d)
+            with open(os.path.join(d, "summary.json"), "w") as f:
+                json.dump(fake_summary(row, ppl + (5 if row == "grow" else 0), params, indep), f)
+    md, js = rep.write_report(opts, rows)
+    text = open(md).read()
+    assert "| conventional |" in text and "51.00 ± 1.41" in text and "56.00 ± 1.41" in text
+    assert "| 33% |" in text and "| 100% |" in text
+    data = json.load(open(js))
+    assert [r["row"] for r in data["rows"]] == ["conventional", "grow"] and len(data["rows"][1]["runs"]) == 2
+
+
+def make_run(tmp_path):
+    """A 4-block qlearning run: frozen start, decisions at steps 5, 10, 15; 20 steps in all."""
+    d = tmp_path / "run"
+    (d / "checkpoints" / "best").mkdir(parents=True)
+    states = [[0, 1, 1, 3], [0, 0, 2, 2], [0, 0, 2, 2]]
+    (d / "config.json").write_text(json.dumps({"tie_policy": "qlearning", "tie_every": 5}))
+    (d / "summary.json").write_text(json.dumps({"n_layer": 4, "steps": 20, "final_state": states[-1]}))
+    rows = [{"event": "train", "step": 1}]
+    for i, s in enumerate(states):
+        rows.append({"event": "decision", "decision": i, "step": 5 * (i + 1), "state": s, "tied": 1,
+                     "retied": 0, "untied": 1, "n_independent": len(set(s))})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 8, generator=g)
+    tensors = {"transformer.wte.weight": torch.randn(10, 8, generator=g)}
+    for block, w in ((0, base), (2, -base + 0.01 * torch.randn(16, 8, generator=g))):
+        tensors[f"transformer.h.{block}.mlp.c_fc.weight"] = w
+        tensors[f"transformer.h.{block}.mlp.c_proj.weight"] = w.T.contiguous()
+        tensors[f"transformer.h.{block}.mlp.c_fc.bias"] = torch.zeros(8)
+    save_file(tensors, str(d / "checkpoints" / "best" / "model.safetensors"))
+    return d
+
+
+def test_figures_from_a_run_directory(tmp_path):
+    d = make_run(tmp_path)
+    run = plots.load_run(str(d))
+    # Steps 1-5: block 0 alone (frozen start); 6-10: blocks 0, 1, 3; 11-20: blocks 0, 2.
+    assert plots.trainable_steps(run).tolist() == [20, 5, 10, 5]
+    weights = plots.mlp_weights(str(d))
+    assert list(weights) == [0, 2] and weights[0].size == 2 * 16 * 8
+    assert np.corrcoef(weights[0], weights[2])[0, 1] < -0.9
+    paths = plots.make_figures(str(d), str(tmp_path / "fig"), prefix="q_")
+    assert len(paths) == 4
+    for p in paths:
+        assert os.path.getsize(p) > 5000
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(Exception):
+        plots.load_run(str(tmp_path / "missing"))

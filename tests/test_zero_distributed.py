@@ -1,0 +1,136 @@
+"""DeepSpeed engine on 2 CPU ranks (gloo): the same loss trajectory as the torch reference that
+sees the same global batch, ranks agree on the weights, one gradient hook per tensor, resume.
+
+Each rank is a separate process started the way DeepSpeed's launcher starts it (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT); one test goes through ``deepspeed --num_gpus 2`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from megatie.cli import build_parser, config_from_args  # noqa: E402
+from megatie.trainer import Trainer  # noqa: E402
+from zero_helper import base_args, record_losses, write_reference_run  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "tests", "zero_helper.py")
+ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
+WORLD = 2
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(out: str) -> dict:
+    env = dict(os.environ, MEGATIE_TEST_OUT=out, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _spawn(args: list[str], out: str, timeout: int = 300) -> list[dict]:
+    """Run the helper on WORLD ranks; return each rank's result."""
+    env, port = _env(out), _port()
+    procs = []
+    for r in range(WORLD):
+        e = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, HELPER, *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(WORLD)]
+
+
+class _MergedLoader:
+    """What 2 ranks see in one step, as one batch: rank 0's micro-batch, then rank 1's."""
+
+    def __init__(self, data, micro, seed):
+        self.loaders = [data.train_loader(micro, seed, r, WORLD) for r in range(WORLD)]
+
+    def __next__(self):
+        return torch.cat([next(loader) for loader in self.loaders])
+
+    def state_dict(self):
+        return self.loaders[0].state_dict()
+
+
+def _reference_losses(out, reference, micro=2, steps=104):
+    args = base_args(out, reference, steps=steps, batch=micro * WORLD)
+    trainer = Trainer(config_from_args(build_parser().parse_args(args)))
+    trainer.loader = _MergedLoader(trainer.data, micro, trainer.cfg.seed)
+    losses = record_losses(trainer)
+    trainer.train()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return write_reference_run(str(tmp_path_factory.mktemp("ref")))
+
+
+@pytest.mark.slow  # about 80 s on two CPU cores (two ranks plus the reference run)
+def test_two_ranks_zero2_fp32_match_reference_and_agree(tmp_path, reference):
+    results = _spawn(base_args(str(tmp_path / "run"), reference) + ["--deepspeed", ZERO2], str(tmp_path / "res"))
+    expected = _reference_losses(str(tmp_path / "ref"), reference)
+    r0, r1 = results
+    assert r0["regroups"] >= 6 and len(r0["losses"]) >= 100
+    assert r0["losses"] == r1["losses"]  # both ranks report the global mean
+    rel = max(abs(a - b) / abs(b) for a, b in zip(r0["losses"], expected))
+    assert rel <= 1e-5, rel
+    assert r0["hash"] == r1["hash"], "ranks ended with different weights"
+    assert set(r0["hooks"].values()) == {1} and set(r1["hooks"].values()) == {1}
+
+
+def test_two_ranks_resume_across_regroups_is_exact(tmp_path, reference):
+    full = str(tmp_path / "full")
+    args = base_args(full, reference, steps=40) + ["--deepspeed", ZERO2, "--checkpoint-every", "18",
+                                                    "--keep-checkpoints", "4"]
+    a = _spawn(args, str(tmp_path / "a"))[0]
+    ckpt = os.path.join(full, "checkpoints", "step_00000018")
+    assert os.path.isfile(os.path.join(ckpt, "meta.json"))
+    assert len([f for f in os.listdir(ckpt) if "optim_states" in f]) == WORLD
+    part = str(tmp_path / "part")
+    b = _spawn(base_args(part, reference, steps=40) + ["--deepspeed", ZERO2, "--resume", ckpt],
+               str(tmp_path / "b"))
+    assert len(b[0]["losses"]) == 40 - 18
+    tail = a["losses"][18:]
+    assert max(abs(x - y) / abs(x) for x, y in zip(tail, b[0]["losses"])) <= 1e-6
+    assert a["hash"] == b[0]["hash"] == b[1]["hash"]
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
+def test_deepspeed_launcher_two_ranks(tmp_path):
+    """The documented command: ``deepspeed --num_gpus 2 launchers/train_gpt2.py --deepspeed ...``."""
+    out = str(tmp_path / "run")
+    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(_port()),
+           os.path.join(ROOT, "launchers", "train_gpt2.py"), "--deepspeed", ZERO2, "--out-dir", out,
+           "--max-steps", "8", "--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--seq-len", "16",
+           "--batch-size", "2", "--vocab-size", "512", "--tie-every", "3", "--eval-batches", "1", "--no-progress"]
+    proc = subprocess.run(cmd, env=_env(out), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 8 and summary["world_size"] == WORLD and summary["decisions"] == 2
