@@ -11,6 +11,7 @@ Everything is read from files, so figures can be drawn for any run, old or new, 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import matplotlib
@@ -39,6 +40,7 @@ def load_run(run_dir: str) -> dict:
                 rows.append(json.loads(line))
     out["decisions"] = [r for r in rows if r.get("event") == "decision"]
     out["evals"] = [r for r in rows if r.get("event") == "eval"]
+    out["label"] = out["config"].get("tie_policy", "?")
     return out
 
 
@@ -115,7 +117,7 @@ def plot_replication_map(run: dict, path: str) -> str:
     ax.set_ylabel("block")
     ax.set_xticks(range(L))
     ax.set_yticks(range(L))
-    ax.set_title(f"Fig. 1 replication map at the end\n{run['config']['tie_policy']}: "
+    ax.set_title(f"Fig. 1 replication map at the end\n{run['label']}: "
                  f"{num_independent(state)} independent of {L}", fontsize=9)
     return _save(fig, path)
 
@@ -133,7 +135,7 @@ def plot_tie_events(run: dict, path: str) -> str:
         ax.text(0.5, 0.5, "no decisions (static tie map)", ha="center", transform=ax.transAxes)
     ax.set_xlabel("decision")
     ax.set_ylabel("blocks")
-    ax.set_title(f"Fig. 2 tie / untie events per decision ({run['config']['tie_policy']})", fontsize=9)
+    ax.set_title(f"Fig. 2 tie / untie events per decision ({run['label']})", fontsize=9)
     return _save(fig, path)
 
 
@@ -145,7 +147,7 @@ def plot_trainable_steps(run: dict, path: str) -> str:
     ax.set_xlabel("block")
     ax.set_ylabel("steps with own weights")
     ax.set_xticks(range(len(counts)))
-    ax.set_title(f"Fig. 3 steps each block was trainable ({run['config']['tie_policy']})", fontsize=9)
+    ax.set_title(f"Fig. 3 steps each block was trainable ({run['label']})", fontsize=9)
     return _save(fig, path)
 
 
@@ -154,24 +156,25 @@ def plot_mlp_correlation(run_dir: str, run: dict, path: str) -> str:
     blocks = list(weights)
     corr = np.corrcoef(np.stack([weights[b] for b in blocks])) if len(blocks) > 1 else np.ones((1, 1))
     fig, ax = plt.subplots(figsize=(4.4, 4))
-    im = ax.imshow(corr, vmin=-1, vmax=1, cmap="RdBu_r")
+    # Blocks split from one root stay highly correlated; a [-1, 1] scale would paint them one colour.
+    low = max(-1.0, math.floor(float(corr.min()) * 20) / 20)
+    im = ax.imshow(corr, vmin=min(low, 0.95), vmax=1, cmap="viridis")
     ax.set_xticks(range(len(blocks)), blocks)
     ax.set_yticks(range(len(blocks)), blocks)
-    if len(blocks) <= 12:
-        # Blocks split from one root stay near r = 1 for a while; colour alone cannot tell 0.97 from 1.
+    if len(blocks) <= 8:
         for i in range(len(blocks)):
             for j in range(len(blocks)):
-                ax.text(j, i, f"{corr[i, j]:.3f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(corr[i, j]) > 0.6 else "black")
+                ax.text(j, i, f"{corr[i, j]:.3f}", ha="center", va="center", fontsize=7, color="k")
     ax.set_xlabel("independent block")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(f"Fig. 4 Pearson r of MLP weights ({run['config']['tie_policy']})", fontsize=9)
+    ax.set_title(f"Fig. 4 Pearson r of MLP weights ({run['label']})", fontsize=9)
     return _save(fig, path)
 
 
-def make_figures(run_dir: str, out_dir: str, prefix: str = "") -> list[str]:
+def make_figures(run_dir: str, out_dir: str, prefix: str = "", label: str | None = None) -> list[str]:
     """Write the four figures of one run as PNGs; returns their paths."""
     run = load_run(run_dir)
+    run["label"] = label or run["config"]["tie_policy"]
     os.makedirs(out_dir, exist_ok=True)
     p = os.path.join(out_dir, prefix)
     return [plot_replication_map(run, p + "fig1_replication_map.png"),

@@ -88,6 +88,11 @@ def cycle_rev_state(num_blocks: int) -> list[int]:
     return [i if i < half else num_blocks - 1 - i for i in range(num_blocks)]
 
 
+def alternate_state(num_blocks: int) -> list[int]:
+    """Block i tied to block i mod 2: two independent blocks, applied in turn (cycle with 2 groups)."""
+    return [i % 2 for i in range(num_blocks)]
+
+
 def sequence_state(num_blocks: int) -> list[int]:
     """Block 2m+1 tied to block 2m."""
     return [i - (i % 2) for i in range(num_blocks)]
@@ -276,6 +281,8 @@ POLICIES = {
     "cycle": "(vii) block L/2+i tied to block i",
     "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
     "sequence": "(ix) block 2m+1 tied to block 2m",
+    "alternate": "block i tied to block i mod 2 (two independent blocks); the recommended setting "
+                 "for a budget of 1/3 of conventional's trainable parameters",
     "grow": "all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
             "in equal stages after --grow-start of training (no learning)",
 }
@@ -314,5 +321,6 @@ def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentC
             perm = list(range(num_blocks))
             random.Random(seed).shuffle(perm)
         return ReplayPolicy(num_blocks, reference["states"], perm, name=name)
-    pattern = {"cycle": cycle_state, "cycle-rev": cycle_rev_state, "sequence": sequence_state}[name]
+    pattern = {"cycle": cycle_state, "cycle-rev": cycle_rev_state, "sequence": sequence_state,
+               "alternate": alternate_state}[name]
     return StaticPolicy(num_blocks, pattern(num_blocks), name=name)

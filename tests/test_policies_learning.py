@@ -186,3 +186,10 @@ def test_cyclic_grow_follows_a_divisor_chain():
     assert statistics.fmean(p.groups_at(s) for s in range(1, 601)) == pytest.approx(19 / 4, abs=0.05)
     with pytest.raises(ConfigError):
         GrowPolicy(12, 600, 15, layout="spiral")
+
+
+def test_alternate_is_static_two_block_cycle():
+    p = build_policy("alternate", 12)
+    assert not p.decides and p.initial_frozen() == []
+    assert p.initial_state() == [0, 1] * 6 and num_independent(p.initial_state()) == 2
+    assert build_policy("alternate", 3).initial_state() == [0, 1, 0]

@@ -37,6 +37,7 @@ def test_every_row_gets_the_same_seed_steps_and_data(capsys):
         assert {flag(c, "--train-file") for c in cmds.values()} == {"t.txt"}
         assert flag(cmds["static"], "--reference-run") == os.path.join("out", "paper", f"s{seed}", "qlearning")
         assert flag(cmds["all-tied"], "--static-state") == ",".join(["0"] * 12)
+        assert flag(cmds["cycle-2"], "--static-state") == "0,1,0,1,0,1,0,1,0,1,0,1"
     opts, rows = rep.parse(["--rows", "vanilla,cycle"])
     assert rows == ["qlearning", "vanilla", "cycle"]  # the reference run comes first
     with pytest.raises(SystemExit):
