@@ -92,17 +92,8 @@ def run_variant(variant: str, settings: dict, ds_config: str, out_dir: str, seed
     class ProbedEngine(DeepSpeedEngine):
         """The DeepSpeed engine, with a tensor-bytes probe at the points of highest state memory."""
 
-        def train_step(self, micro_batches):
-            self.engine.train()
-            total = 0.0
-            for batch in micro_batches:
-                batch = batch.to(self.device)
-                loss = self.engine(input_ids=batch, labels=batch).loss
-                self.engine.backward(loss)
-                samples.append(live_tensor_bytes(self.model, self.engine))  # gradients exist, activations freed
-                self.engine.step()
-                total += float(loss.detach().float() / len(micro_batches))
-            return total
+        def after_backward(self):
+            samples.append(live_tensor_bytes(self.model, self.engine))  # gradients exist, activations freed
 
         def _build(self, groups, carry_of, counters):
             super()._build(groups, carry_of, counters)

@@ -61,7 +61,8 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             target.copy_(value)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -89,7 +90,7 @@ def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dic
         with open(os.path.join(tmp, f), "rb") as fh:
             os.fsync(fh.fileno())
     write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if os.path.exists(final):
         old = f"{final}.old-{os.getpid()}"
         os.replace(final, old)
@@ -97,7 +98,7 @@ def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dic
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 

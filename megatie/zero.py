@@ -37,7 +37,7 @@ import time
 import torch
 import torch.distributed as tdist
 
-from megatie.checkpoint import unique_state_dict
+from megatie.checkpoint import fsync_dir, unique_state_dict
 from megatie.config import TrainConfig
 from megatie.errors import CheckpointError, ConfigError
 from megatie.metrics import write_json_atomic
@@ -134,19 +134,6 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class DeepSpeedEngine:
@@ -257,6 +244,7 @@ class DeepSpeedEngine:
             batch = batch.to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss)
+            self.after_backward()
             self.engine.step()
             total += float(loss.detach().float() / len(micro_batches))
         if self.world_size > 1:
@@ -265,6 +253,10 @@ class DeepSpeedEngine:
             tdist.all_reduce(t)
             total = float(t.item()) / self.world_size
         return total
+
+    def after_backward(self) -> None:
+        """Called after each backward, before the step (gradients exist, activations are freed);
+        a no-op here, overridden by the memory benchmark's probe."""
 
     def regroup(self, plan: RegroupPlan) -> None:
         if not plan.changes_parameters:
@@ -337,7 +329,7 @@ class DeepSpeedEngine:
                     files[os.path.relpath(full, tmp)] = os.path.getsize(full)
             write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files,
                                                               "engine": "deepspeed"})
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             self._replace(tmp, final)
             self._write_latest(root, name)
         tdist.barrier()
@@ -355,7 +347,7 @@ class DeepSpeedEngine:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_dir(os.path.dirname(final))
 
     @staticmethod
     def _write_latest(root: str, name: str) -> None:

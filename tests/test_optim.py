@@ -144,7 +144,7 @@ def run_ours(batches, carry_state=True):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step in SCHEDULE:
             plan = tying.apply(SCHEDULE[step])
             if not carry_state:  # a deliberately wrong regroup: untied blocks start fresh
