@@ -22,7 +22,6 @@ A variant can be run alone with ``--variant conventional|megatie`` (used interna
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess

@@ -91,6 +91,13 @@ def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dic
             os.fsync(fh.fileno())
     write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files})
     fsync_dir(tmp)
+    replace_dir(tmp, final)
+    return final
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing an older one of that name; a
+    crash leaves either the old or the new directory under ``final``, never half of one."""
     if os.path.exists(final):
         old = f"{final}.old-{os.getpid()}"
         os.replace(final, old)
@@ -98,8 +105,7 @@ def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dic
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    fsync_dir(root)
-    return final
+    fsync_dir(os.path.dirname(final))
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict, dict]:

@@ -37,7 +37,7 @@ import time
 import torch
 import torch.distributed as tdist
 
-from megatie.checkpoint import fsync_dir, unique_state_dict
+from megatie.checkpoint import fsync_dir, replace_dir, unique_state_dict
 from megatie.config import TrainConfig
 from megatie.errors import CheckpointError, ConfigError
 from megatie.metrics import write_json_atomic
@@ -330,24 +330,13 @@ class DeepSpeedEngine:
             write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files,
                                                               "engine": "deepspeed"})
             fsync_dir(tmp)
-            self._replace(tmp, final)
+            replace_dir(tmp, final)
             self._write_latest(root, name)
         tdist.barrier()
         if self.rank != 0 and os.path.isdir(tmp):  # node-local storage: each node renames its own
-            self._replace(tmp, final)
+            replace_dir(tmp, final)
         tdist.barrier()
         return final
-
-    @staticmethod
-    def _replace(tmp: str, final: str) -> None:
-        if os.path.exists(final):
-            old = f"{final}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(os.path.dirname(final))
 
     @staticmethod
     def _write_latest(root: str, name: str) -> None:

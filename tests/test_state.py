@@ -1,7 +1,7 @@
 """The tying state algebra (SPEC §1, Eq. 1)."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatie.errors import ConfigError
