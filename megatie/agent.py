@@ -206,10 +206,8 @@ class QLearningAgent:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.eps = float(sd["eps"])
         self.generator.set_state(sd["generator"])
-        # Checkpoints written before these options existed lack the keys; their defaults are exact.
-        self.updates = int(sd.get("updates", 0))
-        if "reward_stats" in sd:
-            self.reward_stats.load_state_dict(sd["reward_stats"])
+        self.updates = int(sd["updates"])
+        self.reward_stats.load_state_dict(sd["reward_stats"])
         if self.target_net is not None:
-            self.target_net.load_state_dict(sd.get("target_net", self.qnet.state_dict()))
+            self.target_net.load_state_dict(sd["target_net"])
 

@@ -78,7 +78,7 @@ class TieController:
             "structure_changed": self.tying.state != old_physical,
             # Numeric twins of the flag above, so TensorBoard (which skips booleans) shows settling.
             "changed_blocks": sum(a != b for a, b in zip(self.tying.state, old_physical)),
-            "structure_changes": sum(bool(r["structure_changed"]) for r in self.history)
+            "structure_changes": (self.history[-1]["structure_changes"] if self.history else 0)
             + (self.tying.state != old_physical),
             **plan.transition.counts(),
         }

@@ -88,11 +88,6 @@ def cycle_rev_state(num_blocks: int) -> list[int]:
     return [i if i < half else num_blocks - 1 - i for i in range(num_blocks)]
 
 
-def alternate_state(num_blocks: int) -> list[int]:
-    """Block i tied to block i mod 2: two independent blocks, applied in turn (cycle with 2 groups)."""
-    return [i % 2 for i in range(num_blocks)]
-
-
 def sequence_state(num_blocks: int) -> list[int]:
     """Block 2m+1 tied to block 2m."""
     return [i - (i % 2) for i in range(num_blocks)]
@@ -322,5 +317,5 @@ def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentC
             random.Random(seed).shuffle(perm)
         return ReplayPolicy(num_blocks, reference["states"], perm, name=name)
     pattern = {"cycle": cycle_state, "cycle-rev": cycle_rev_state, "sequence": sequence_state,
-               "alternate": alternate_state}[name]
+               "alternate": lambda n: cyclic_state(n, 2)}[name]
     return StaticPolicy(num_blocks, pattern(num_blocks), name=name)
