@@ -11,7 +11,11 @@ Options that change the learning problem (all off by default, so the default age
 scale the network starts at (with a raw -PPL reward the targets are hundreds of times larger than the
 predictions and every update just pushes down whatever was chosen); ``target_sync=N`` computes
 ``max_a' Q(s')`` with a copy of the network refreshed every N updates; ``switch_cost=c`` subtracts
-``c`` per block whose state changed, so a structure that works is not abandoned for free.
+``c`` per block whose state changed, so a structure that works is not abandoned for free;
+``moves="local"`` makes every decision a local move from the current structure instead of a whole new
+action vector: exploring re-draws one block's entry, exploiting changes only the block whose entry
+gains most in Q (the network is decomposed per block, so that gain is read off directly), and only when
+the gain exceeds ``keep_margin`` — the paper's agent re-copies trained blocks at almost every decision.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ from torch import nn
 from megatie.errors import ConfigError
 from megatie.state import validate_action, validate_state
 
-REWARDS = ("neg-ppl", "neg-loss")
+REWARDS = ("neg-ppl", "neg-loss", "loss-drop")
 REWARD_NORMS = ("none", "running")
+MOVES = ("vector", "local")
 
 
-def reward_from_loss(loss: float, kind: str) -> float:
-    """``neg-ppl`` (the paper): ``-exp(loss)``; ``neg-loss``: ``-loss`` (= ``-log PPL``)."""
+def reward_from_loss(loss: float, kind: str, previous: float | None = None) -> float:
+    """``neg-ppl`` (the paper): ``-exp(loss)``; ``neg-loss``: ``-loss`` (= ``-log PPL``);
+    ``loss-drop``: ``previous - loss``, the loss one decision earlier minus the loss now.
+
+    A level (-PPL, -loss) keeps rising over training whatever the agent does, so the agent credits
+    whatever it chose late; the drop over one decision interval (the copy's damage plus k steps of
+    training under the chosen structure) is what that decision contributed."""
+    if kind == "loss-drop":
+        if previous is None:
+            raise ValueError("the loss-drop reward needs the loss measured at the previous decision")
+        return previous - loss
     if kind == "neg-ppl":
         return -math.exp(min(loss, 80.0))  # exp(80) is already far beyond any PPL worth ranking
     if kind == "neg-loss":
@@ -99,6 +113,8 @@ class AgentConfig:
     reward_norm: str = "none"
     target_sync: int = 0
     switch_cost: float = 0.0
+    moves: str = "vector"
+    keep_margin: float = 0.0
 
 
 class RunningStats:
@@ -137,9 +153,11 @@ class QLearningAgent:
         c = self.config
         if not (0 <= c.eps_min <= c.eps_start <= 1 and 0 < c.eps_decay <= 1 and 0 <= c.gamma < 1):
             raise ConfigError(f"invalid agent settings {c}")
-        if c.reward_norm not in REWARD_NORMS or c.target_sync < 0 or c.switch_cost < 0:
+        if (c.reward_norm not in REWARD_NORMS or c.moves not in MOVES or c.target_sync < 0
+                or c.switch_cost < 0 or c.keep_margin < 0):
             raise ConfigError(f"invalid agent settings {c}: reward_norm must be one of {', '.join(REWARD_NORMS)}, "
-                              "target_sync and switch_cost non-negative")
+                              f"moves one of {', '.join(MOVES)}, target_sync, switch_cost and keep_margin "
+                              "non-negative")
         self.num_blocks = num_blocks
         # The agent's own generator: its exploration never shifts the trainer's random streams.
         self.generator = torch.Generator().manual_seed(seed)
@@ -160,10 +178,36 @@ class QLearningAgent:
             return self.qnet.greedy(self.qnet(validate_state(state, self.num_blocks)))
 
     def act(self, state) -> tuple[list[int], bool]:
-        """Return ``(action, explored)``: a whole random vector with probability eps, else greedy."""
-        if float(torch.rand((), generator=self.generator)) < self.eps:
+        """Return ``(action, explored)``: a random move with probability eps, else the greedy one."""
+        explore = float(torch.rand((), generator=self.generator)) < self.eps
+        if self.config.moves == "local":
+            return self.local_move(state, explore), explore
+        if explore:
             return self.random_action(), True
         return self.greedy_action(state), False
+
+    def local_move(self, state, explore: bool) -> list[int]:
+        """Change one block's entry of the action that produced ``state`` (each block naming its root).
+
+        Block i may move to another root below it, or become its own root; entries that name a
+        non-root would resolve to a root anyway (Eq. 1), so they are never candidates, and every move
+        changes the structure. Re-pointing a root moves its whole group, still one block's decision."""
+        current = list(validate_state(state, self.num_blocks))
+        roots = [r for r in range(self.num_blocks) if current[r] == r]
+        moves = [(i, c) for i in range(1, self.num_blocks)
+                 for c in [r for r in roots if r < i] + [i] if c != current[i]]
+        if explore:
+            i, c = moves[int(torch.randint(0, len(moves), (1,), generator=self.generator))]
+        else:
+            with torch.no_grad():
+                q = self.qnet.padded(self.qnet(current))  # [L-1, L]; row i-1 holds block i's entries
+            gains = [float(q[i - 1, c] - q[i - 1, current[i]]) for i, c in moves]
+            best = max(range(len(moves)), key=gains.__getitem__)
+            if gains[best] <= self.config.keep_margin:
+                return current
+            i, c = moves[best]
+        current[i] = c
+        return current
 
     def update(self, state, action, reward: float, next_state) -> dict:
         """One TD step toward ``y = r + gamma * max_a' Q(s')``; decays eps afterwards."""

@@ -14,7 +14,7 @@ import traceback
 from megatie.config import PRESETS, TrainConfig
 from megatie.errors import MegatieError
 from megatie.policies import POLICIES
-from megatie.agent import REWARD_NORMS, REWARDS
+from megatie.agent import MOVES, REWARD_NORMS, REWARDS
 from megatie.tying import TIE_MODES
 
 
@@ -74,6 +74,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="bootstrap from a target Q-network refreshed every N updates (0: none)")
     tie.add_argument("--switch-cost", type=float, default=d.switch_cost,
                      help="reward penalty per block whose tie changed")
+    tie.add_argument("--agent-moves", default=d.agent_moves, choices=MOVES,
+                     help="'vector': a whole new action each decision (the paper); 'local': change at most "
+                          "one block's entry per decision")
+    tie.add_argument("--keep-margin", type=float, default=d.keep_margin,
+                     help="local moves: keep the structure unless a block's Q gain exceeds this")
     tie.add_argument("--reward-delay", action="store_true",
                      help="reward each action with the loss measured at the next decision")
     tie.add_argument("--grow-start", type=float, default=d.grow_start,

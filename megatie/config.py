@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from megatie.agent import REWARD_NORMS, REWARDS
+from megatie.agent import MOVES, REWARD_NORMS, REWARDS
 from megatie.errors import ConfigError
 from megatie.policies import POLICIES
 from megatie.tying import TIE_MODES
@@ -68,6 +68,8 @@ class TrainConfig:
     reward_norm: str = "none"
     target_sync: int = 0
     switch_cost: float = 0.0
+    agent_moves: str = "vector"
+    keep_margin: float = 0.0
     reward_delay: bool = False
     grow_start: float = 0.5
     grow_final: int | None = None
@@ -136,8 +138,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
         if self.reward_norm not in REWARD_NORMS:
             raise ConfigError(f"unknown --reward-norm {self.reward_norm!r}; choose one of {', '.join(REWARD_NORMS)}")
-        if self.target_sync < 0 or self.switch_cost < 0:
-            raise ConfigError("--target-sync and --switch-cost must be non-negative")
+        if self.target_sync < 0 or self.switch_cost < 0 or self.keep_margin < 0:
+            raise ConfigError("--target-sync, --switch-cost and --keep-margin must be non-negative")
+        if self.agent_moves not in MOVES:
+            raise ConfigError(f"unknown --agent-moves {self.agent_moves!r}; choose one of {', '.join(MOVES)}")
         if not 0 <= self.grow_start < 1:
             raise ConfigError(f"--grow-start must be in [0, 1), got {self.grow_start}")
         if self.grow_layout not in ("contiguous", "cyclic"):

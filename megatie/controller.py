@@ -6,7 +6,8 @@ on a fresh random training batch. Both are called identically on every rank.
 
 ``reward_delay=True`` rewards the action taken at decision t with the loss measured at decision t+1,
 i.e. after k steps of training under the structure it chose, instead of right after the copy (which
-only measures the damage a copy does, never what the structure is worth once trained).
+only measures the damage a copy does, never what the structure is worth once trained). The
+``loss-drop`` reward is always delayed: loss at decision t (before its copies) minus loss at t+1.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ class TieController:
                  reward_loss: Callable[[], float] | None = None, reward_delay: bool = False):
         if tie_every < 1:
             raise ConfigError(f"--tie-every must be a positive number of steps, got {tie_every}")
-        reward_from_loss(0.0, reward)  # validates the name
+        reward_from_loss(0.0, reward, previous=0.0)  # validates the name
         if policy.num_blocks != tying.num_blocks:
             raise ConfigError(f"policy built for {policy.num_blocks} blocks, model has {tying.num_blocks}")
         self.tying, self.policy, self.tie_every, self.reward = tying, policy, tie_every, reward
         self.regroup = regroup or (lambda plan: None)
         self.reward_loss = reward_loss
-        self.reward_delay = reward_delay
-        # (state, action, next_state, decision index) awaiting its delayed reward.
+        self.reward_delay = reward_delay or reward == "loss-drop"
+        # (state, action, next_state, decision index, loss before its copies) awaiting its delayed reward.
         self._pending: tuple | None = None
         self.policy_state = policy.initial_state()  # what the policy believes (differs under replicate-only)
         self.history: list[dict] = []
@@ -55,12 +56,14 @@ class TieController:
         state = list(self.policy_state)
         old_physical = list(self.tying.state)
         delayed = None
-        if self.policy.learns and self.reward_delay and self._pending is not None:
+        loss_before = None
+        if self.policy.learns and self.reward_delay and (self._pending is not None or self.reward == "loss-drop"):
             # Measured before this decision's copies: k steps of training under the previous choice.
-            prev_state, prev_action, prev_next, prev_index = self._pending
-            loss = self._measure()
-            r = reward_from_loss(loss, self.reward)
-            delayed = {"reward": r, "reward_loss": loss, "rewarded_decision": prev_index,
+            loss_before = self._measure()
+        if self.policy.learns and self.reward_delay and self._pending is not None:
+            prev_state, prev_action, prev_next, prev_index, prev_loss = self._pending
+            r = reward_from_loss(loss_before, self.reward, previous=prev_loss)
+            delayed = {"reward": r, "reward_loss": loss_before, "rewarded_decision": prev_index,
                        **self.policy.observe(prev_state, prev_action, r, prev_next)}
         proposal = self.policy.propose(state, len(self.history))
         plan = self.tying.apply(proposal.state)
@@ -88,7 +91,7 @@ class TieController:
             if self.reward_delay:
                 if delayed is not None:
                     record.update(delayed)
-                self._pending = (state, proposal.action, proposal.state, len(self.history))
+                self._pending = (state, proposal.action, proposal.state, len(self.history), loss_before)
             else:
                 loss = self._measure()
                 r = reward_from_loss(loss, self.reward)
@@ -114,7 +117,8 @@ class TieController:
                 "policy_state": list(self.policy_state), "history": list(self.history),
                 "greedy_seen": [list(s) for s in sorted(self._greedy_seen)],
                 "pending": None if self._pending is None else [list(self._pending[0]), list(self._pending[1]),
-                                                                list(self._pending[2]), self._pending[3]]}
+                                                                list(self._pending[2]), self._pending[3],
+                                                                self._pending[4]]}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore on a freshly built model *before* the optimizer is built (tying included)."""
@@ -125,4 +129,4 @@ class TieController:
         self._greedy_seen = {tuple(s) for s in sd["greedy_seen"]}
         pending = sd.get("pending")
         self._pending = None if pending is None else (list(pending[0]), list(pending[1]), list(pending[2]),
-                                                      int(pending[3]))
+                                                      int(pending[3]), pending[4])

@@ -123,7 +123,8 @@ class Trainer:
         self.tying = LayerTying(self.model, cfg.tie_mode)
         agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min,
                                    reward_norm=cfg.reward_norm, target_sync=cfg.target_sync,
-                                   switch_cost=cfg.switch_cost)
+                                   switch_cost=cfg.switch_cost, moves=cfg.agent_moves,
+                                   keep_margin=cfg.keep_margin)
         self.policy = build_policy(cfg.tie_policy, cfg.n_layer, seed=cfg.seed, agent_config=agent_config,
                                    reference=reference, static_state=cfg.static_state,
                                    total_steps=cfg.max_steps, tie_every=cfg.tie_every,
@@ -157,7 +158,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
     def _reward_loss(self) -> float:
-        batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
+        if self.cfg.reward == "loss-drop":
+            # A difference of two losses: on the same batch, batch-to-batch noise cancels. Drawn from
+            # its own seed, so a resumed run measures on the same batch.
+            batch = self.data.random_batch("train", self.cfg.reward_batch_size,
+                                           torch.Generator().manual_seed(self.cfg.seed + 2))
+        else:
+            batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():

@@ -147,6 +147,30 @@ def test_delayed_reward_rewards_the_previous_action_and_round_trips():
         assert a["q_pred"] == pytest.approx(b["q_pred"], rel=1e-5, abs=1e-6)
 
 
+def test_loss_drop_rewards_each_decision_with_what_it_contributed():
+    model = tiny_model("gpt2", n_layer=5)
+    losses = iter([5.0, 4.5, 4.4, 4.6, 4.0])
+    measured = []
+
+    def reward_loss():
+        measured.append(next(losses))
+        return measured[-1]
+
+    policy = build_policy("qlearning", 5, seed=0, agent_config=AgentConfig())
+    ctl = TieController(LayerTying(model), policy, tie_every=2, reward="loss-drop", reward_loss=reward_loss)
+    assert ctl.reward_delay  # a drop is measured one decision later, always
+    ctl.setup()
+    first = ctl.decide(2)
+    assert "reward" not in first and measured == [5.0]  # the baseline is measured before the first copies
+    rewards = [ctl.decide(s) for s in (4, 6, 8, 10)]
+    # Decision t's reward: loss before its copies minus loss before the next decision's copies.
+    assert [r["rewarded_decision"] for r in rewards] == [0, 1, 2, 3]
+    assert [r["reward"] for r in rewards] == pytest.approx([0.5, 0.1, -0.2, 0.6])
+    assert len(measured) == 5  # one measurement per decision
+    sd = ctl.state_dict()
+    assert sd["pending"][4] == 4.0
+
+
 def test_config_validates_new_options():
     with pytest.raises(ConfigError):
         TrainConfig(reward_norm="zscore").resolved()
@@ -168,6 +192,7 @@ def test_new_options_train_end_to_end(tmp_path):
     assert grow["final_independent_layers"] == 4 and grow["mean_independent_layers"] < 4
     q = Trainer(TrainConfig(out_dir=str(tmp_path / "q"), tie_policy="qlearning", reward="neg-loss",
                             reward_norm="running", target_sync=2, switch_cost=0.1, reward_delay=True,
+                            agent_moves="local", keep_margin=0.05,
                             **base)).train()
     assert q["decisions"] == 4 and math.isfinite(q["final_val_ppl"])
 
@@ -193,3 +218,51 @@ def test_alternate_is_static_two_block_cycle():
     assert not p.decides and p.initial_frozen() == []
     assert p.initial_state() == [0, 1] * 6 and num_independent(p.initial_state()) == 2
     assert build_policy("alternate", 3).initial_state() == [0, 1, 0]
+
+
+def test_local_moves_change_exactly_one_block_decision():
+    from megatie.state import roots, state_from_action
+
+    L = 8
+    agent = QLearningAgent(L, AgentConfig(moves="local", eps_start=1.0, eps_decay=1.0, eps_min=1.0), seed=3)
+    s, seen = [0] * L, set()
+    for _ in range(60):
+        action, explored = agent.act(s)
+        assert explored
+        nxt = state_from_action(action)
+        # One entry changed, it names a root below the block or the block itself, and the structure moved.
+        diff = [i for i in range(L) if action[i] != s[i]]
+        assert len(diff) == 1 and nxt != s
+        i = diff[0]
+        assert action[i] == i or (action[i] < i and s[action[i]] == action[i])
+        # Every other block keeps its root, except the members of a root that was re-pointed.
+        assert all(nxt[j] == s[j] for j in range(L) if j != i and s[j] != i)
+        seen.add(tuple(nxt))
+        s = nxt
+    assert len(seen) > 20  # exploration wanders; it is not stuck on a few moves
+    assert roots(s) == sorted(set(s))
+
+
+def test_local_greedy_takes_the_best_gain_or_keeps_within_the_margin():
+    L = 5
+    s = [0, 0, 2, 2, 0]
+    agent = QLearningAgent(L, AgentConfig(moves="local", eps_start=0.0, eps_min=0.0), seed=0)
+    with torch.no_grad():
+        for p in agent.qnet.parameters():
+            p.zero_()
+        bias = agent.qnet.net[-1].bias
+        # Block 3 (segment offset 3, entries 0..3) prefers becoming its own root by 0.5.
+        bias[agent.qnet.offsets[2] + 3] = 0.5
+        bias[agent.qnet.offsets[0] + 1] = 0.2  # block 1 prefers its own root by 0.2
+    action, explored = agent.act(s)
+    assert not explored and action == [0, 0, 2, 3, 0]
+    agent.config.keep_margin = 0.6
+    assert agent.act(s)[0] == s  # no gain clears the margin: keep the structure
+    agent.config.keep_margin = 0.3
+    assert agent.act(s)[0] == [0, 0, 2, 3, 0]
+    with pytest.raises(ConfigError):
+        QLearningAgent(L, AgentConfig(moves="global"))
+    with pytest.raises(ConfigError):
+        QLearningAgent(L, AgentConfig(keep_margin=-1))
+    with pytest.raises(ConfigError):
+        TrainConfig(agent_moves="x").resolved()

@@ -27,7 +27,7 @@ def flag(cmd, name):
 def test_every_row_gets_the_same_seed_steps_and_data(capsys):
     rep = load_reproduce()
     opts, rows = rep.parse(["--train-file", "t.txt", "--valid-file", "v.txt", "--rows", "all", "--seeds", "7,8",
-                            "--regime", "paper", "--out-dir", "out"])
+                            "--regime", "long", "--out-dir", "out"])
     assert rows[0] == "qlearning" and set(rows) == set(rep.ROWS)
     assert set(rep.TABLE4) <= set(rep.ROWS)
     for seed in opts.seeds:
@@ -35,7 +35,7 @@ def test_every_row_gets_the_same_seed_steps_and_data(capsys):
         assert {flag(c, "--seed") for c in cmds.values()} == {str(seed)}
         assert {flag(c, "--max-steps") for c in cmds.values()} == {"1500"}
         assert {flag(c, "--train-file") for c in cmds.values()} == {"t.txt"}
-        assert flag(cmds["static"], "--reference-run") == os.path.join("out", "paper", f"s{seed}", "qlearning")
+        assert flag(cmds["static"], "--reference-run") == os.path.join("out", "long", f"s{seed}", "qlearning")
         assert flag(cmds["all-tied"], "--static-state") == ",".join(["0"] * 12)
         assert flag(cmds["cycle-2"], "--static-state") == "0,1,0,1,0,1,0,1,0,1,0,1"
     opts, rows = rep.parse(["--rows", "vanilla,cycle"])
@@ -44,6 +44,27 @@ def test_every_row_gets_the_same_seed_steps_and_data(capsys):
         rep.parse(["--rows", "nonsense"])
     assert rep.main(["--dry-run", "--rows", "cycle", "--steps", "50"]) == 0
     assert "--max-steps 50" in capsys.readouterr().out
+
+
+def test_paper_regime_trains_every_row_on_the_same_corpus_prefix(tmp_path):
+    rep = load_reproduce()
+    text = tmp_path / "train.txt"
+    lines = [f"line {i} of the corpus\n" for i in range(41)]
+    text.write_text("".join(lines))
+    out = tmp_path / "out"
+    opts, rows = rep.parse(["--train-file", str(text), "--rows", "conventional,cycle", "--regime", "paper",
+                            "--out-dir", str(out), "--", "--tokenizer", "some.model"])
+    opts.tokenizer_args = rep.full_corpus_tokenizer(opts)
+    assert opts.tokenizer_args == []  # a tokenizer named by the user is kept
+    cmds = [rep.command(opts, r, 1) for r in rows]
+    files = {flag(c, "--train-file") for c in cmds}
+    assert len(files) == 1 and {flag(c, "--max-steps") for c in cmds} == {"2000"}
+    assert {flag(c, "--eval-every") for c in cmds} == {"100"}
+    subset = files.pop()
+    assert open(subset).readlines() == lines[:11]  # ceil(25% of 41) lines, a prefix
+    assert rep.subset_file(str(text), 1.0, str(out)) == str(text)
+    with pytest.raises(SystemExit):
+        rep.parse(["--train-fraction", "0"])
 
 
 def fake_summary(policy, ppl, params, indep):
