@@ -231,10 +231,19 @@ def write_report(opts, rows: list[str]) -> tuple[str, str]:
 
 
 def draw_figures(opts, rows: list[str]) -> list[str]:
-    from megatie.plots import make_figures
+    from megatie.plots import make_figures, plot_validation_curves
 
     paths = []
     seed = opts.seeds[0]
+    finished = {name: run_dir(opts.out_dir, opts.regime, seed, name) for name in rows
+                if os.path.isfile(os.path.join(run_dir(opts.out_dir, opts.regime, seed, name), "summary.json"))}
+    if finished:
+        out = os.path.join(opts.out_dir, opts.regime, "figures", "validation_curves.png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        try:
+            paths.append(plot_validation_curves(finished, out, f"regime {opts.regime}, seed {seed}"))
+        except Exception as e:  # a figure must never cost the table
+            print(f"validation curves failed: {e}", file=sys.stderr)
     for name in rows:
         d = run_dir(opts.out_dir, opts.regime, seed, name)
         if os.path.isfile(os.path.join(d, "summary.json")):

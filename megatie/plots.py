@@ -181,3 +181,29 @@ def make_figures(run_dir: str, out_dir: str, prefix: str = "", label: str | None
             plot_tie_events(run, p + "fig2_tie_events.png"),
             plot_trainable_steps(run, p + "fig3_trainable_steps.png"),
             plot_mlp_correlation(run_dir, run, p + "fig4_mlp_correlation.png")]
+
+
+def plot_validation_curves(run_dirs: dict[str, str], path: str, title: str = "") -> str:
+    """Validation perplexity against step for several runs (one line each, log scale): where each
+    row peaks and how fast it overfits, the curve the best-on-validation numbers are read from."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = 0
+    for label, run_dir in run_dirs.items():
+        evals = [e for e in load_run(run_dir)["evals"] if math.isfinite(e.get("val_ppl", math.nan))]
+        if not evals:
+            continue
+        steps, ppl = [e["step"] for e in evals], [e["val_ppl"] for e in evals]
+        best = int(np.argmin(ppl))
+        line, = ax.plot(steps, ppl, marker=".", label=f"{label} (best {ppl[best]:.1f} @ {steps[best]})")
+        ax.plot([steps[best]], [ppl[best]], "o", color=line.get_color(), markersize=7, fillstyle="none")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ConfigError("no run with validation evaluations to plot")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "validation perplexity", fontsize=9)
+    return _save(fig, path)

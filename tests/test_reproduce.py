@@ -131,3 +131,14 @@ def test_figures_from_a_run_directory(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(Exception):
         plots.load_run(str(tmp_path / "missing"))
+
+
+def test_validation_curves_mark_each_rows_best(tmp_path):
+    d = make_run(tmp_path)
+    with open(d / "metrics.jsonl", "a") as f:
+        for step, ppl in ((5, 90.0), (10, 70.0), (15, 80.0), (20, float("nan"))):
+            f.write(json.dumps({"event": "eval", "step": step, "val_ppl": ppl}) + "\n")
+    path = plots.plot_validation_curves({"q": str(d)}, str(tmp_path / "curves.png"))
+    assert os.path.getsize(path) > 5000
+    with pytest.raises(Exception):
+        plots.plot_validation_curves({"q": str(make_run(tmp_path / "no-evals"))}, str(tmp_path / "none.png"))
