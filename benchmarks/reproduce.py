@@ -76,6 +76,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
                 "all tied, then up to 12 groups (fully untied) after 80%"),
     "cycle-2": (["--tie-policy", "static", "--static-state", "{cycle2}"],
                 "block i tied to block i mod 2 from the start (2 independent blocks)"),
+    "halves-2": (["--tie-policy", "static", "--static-state", "{halves2}"],
+                 "blocks 0..L/2-1 share block 0, the rest share block L/2 (2 independent blocks)"),
+    "mirror-2": (["--tie-policy", "static", "--static-state", "{mirror2}"],
+                 "cycle-rev with 2 groups: i mod 2 in the first half, mirrored in the second"),
     "grow-cyclic": (["--tie-policy", "grow", "--grow-start", "0", "--grow-final", "12", "--grow-layout", "cyclic"],
                     "cyclic i mod g, g = 1, 2, 4, 12 in four equal stages"),
     "grow-wide": (["--tie-policy", "grow", "--grow-start", "0.3", "--grow-final", "12"],
@@ -96,7 +100,10 @@ REGIMES = {"short": dict(steps=600, evals=1, train_fraction=1.0),
 def row_args(name: str, ref: str, n_layer: int) -> list[str]:
     args, _ = ROWS[name]
     patterns = {"{ref}": ref, "{zeros}": ",".join(["0"] * n_layer),
-                "{cycle2}": ",".join(str(i % 2) for i in range(n_layer))}
+                "{cycle2}": ",".join(str(i % 2) for i in range(n_layer)),
+                "{halves2}": ",".join(str(0 if i < n_layer // 2 else n_layer // 2) for i in range(n_layer)),
+                "{mirror2}": ",".join(str(i % 2 if i < n_layer // 2 else (n_layer - 1 - i) % 2)
+                                      for i in range(n_layer))}
     out = []
     for a in args:
         for key, value in patterns.items():

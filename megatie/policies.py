@@ -266,7 +266,7 @@ def load_reference_run(run_dir: str) -> dict:
 
 POLICIES = {
     "conventional": "no tying: every block trains its own weights",
-    "qlearning": "the paper's Q-learning agent (frozen start, eps-greedy, TD updates)",
+    "qlearning": "the paper's Q-learning agent (frozen start, eps-greedy, TD updates), as published",
     "vanilla": "(i) conventional with as many blocks as the reference run ended with",
     "static": "(ii) the reference run's final tie map (or --static-state) from the start",
     "replay-permuted": "(iii) the reference run's states under a fixed permutation of blocks",
@@ -276,8 +276,8 @@ POLICIES = {
     "cycle": "(vii) block L/2+i tied to block i",
     "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
     "sequence": "(ix) block 2m+1 tied to block 2m",
-    "alternate": "block i tied to block i mod 2 (two independent blocks); the recommended setting "
-                 "for a budget of 1/3 of conventional's trainable parameters",
+    "alternate": "block i tied to block i mod 2 (two independent blocks); the default: the measured "
+                 "recommendation for a budget of 1/3 of conventional's trainable parameters",
     "grow": "all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
             "in equal stages after --grow-start of training (no learning)",
 }

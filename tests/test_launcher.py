@@ -27,7 +27,9 @@ def test_tiny_preset_end_to_end(tmp_path, cache_dir):
     r = launch("--out-dir", str(out), "--max-steps", "30", cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["n_layer"] == 12 and summary["decisions"] == 2
+    # The default policy is the measured recommendation: block i shares block i mod 2, no decisions.
+    assert summary["steps"] == 30 and summary["n_layer"] == 12 and summary["decisions"] == 0
+    assert summary["final_state"] == [i % 2 for i in range(12)] and summary["final_independent_layers"] == 2
     assert "final_val_ppl=" in r.stdout
 
 

@@ -24,7 +24,7 @@ def cache_dir(tmp_path_factory):
 def small_config(out_dir, cache_dir, **overrides):
     base = dict(out_dir=str(out_dir), cache_dir=cache_dir, n_layer=4, n_embd=32, n_head=2, seq_len=32,
                 batch_size=4, vocab_size=512, max_steps=24, tie_every=4, eval_every=8, eval_batches=4,
-                log_every=1, progress=False, seed=7)
+                log_every=1, progress=False, seed=7, tie_policy="qlearning")
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -289,6 +289,6 @@ def test_cli_single_process_deepspeed_run(tmp_path):
     summary = train_main(["--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"), "--out-dir", out,
                           "--max-steps", "6", "--n-layer", "3", "--n-embd", "32", "--n-head", "2", "--seq-len", "16",
                           "--batch-size", "2", "--vocab-size", "512", "--tie-every", "3", "--eval-batches", "1",
-                          "--no-progress"])
+                          "--no-progress", "--tie-policy", "qlearning"])
     assert summary["steps"] == 6 and os.path.isfile(os.path.join(out, "summary.json"))
     init_deepspeed_distributed()  # the CLI tore the process group down; later tests need one

@@ -129,7 +129,8 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(_port()),
            os.path.join(ROOT, "launchers", "train_gpt2.py"), "--deepspeed", ZERO2, "--out-dir", out,
            "--max-steps", "8", "--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--seq-len", "16",
-           "--batch-size", "2", "--vocab-size", "512", "--tie-every", "3", "--eval-batches", "1", "--no-progress"]
+           "--batch-size", "2", "--vocab-size", "512", "--tie-every", "3", "--eval-batches", "1", "--no-progress",
+           "--tie-policy", "qlearning"]
     proc = subprocess.run(cmd, env=_env(out), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
