@@ -35,7 +35,7 @@ LAUNCHER = os.path.join(ROOT, "launchers", "train_gpt2.py")
 # name -> (launcher arguments, what the row is). "{ref}" is the qlearning run of the same seed.
 ROWS: dict[str, tuple[list[str], str]] = {
     "conventional": (["--tie-policy", "conventional"], "no tying"),
-    "qlearning": (["--tie-policy", "qlearning"], "the paper's agent, reward -PPL (paper-faithful default)"),
+    "qlearning": (["--tie-policy", "qlearning"], "the paper's agent as published, reward -PPL"),
     "vanilla": (["--tie-policy", "vanilla", "--reference-run", "{ref}"],
                 "(i) conventional with the final independent-block count of qlearning"),
     "static": (["--tie-policy", "static", "--reference-run", "{ref}"], "(ii) qlearning's final tie map, static"),
