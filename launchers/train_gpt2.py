@@ -1,6 +1,7 @@
-"""Train GPT-2 from scratch with dynamic layer tying.
+"""Train GPT-2 from scratch with layer tying (default policy: `alternate`, block i shares block i mod 2).
 
     python launchers/train_gpt2.py                       # tiny preset, embedded corpus, CPU
+    python launchers/train_gpt2.py --train-file my.txt --tie-policy qlearning   # the paper's agent
     python launchers/train_gpt2.py --train-file my.txt --tie-policy conventional
 """
 
