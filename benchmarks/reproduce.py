@@ -120,19 +120,22 @@ def train_fraction(opts) -> float:
     return opts.train_fraction if opts.train_fraction is not None else REGIMES[opts.regime]["train_fraction"]
 
 
+def subset_path(path: str, fraction: float, out_dir: str) -> str:
+    if fraction >= 1.0:
+        return path
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(out_dir, "data", f"{stem}.first{100 * fraction:g}pct.txt")
+
+
 def subset_file(path: str, fraction: float, out_dir: str) -> str:
     """The first ``fraction`` of a text file's lines, written once (atomically) under ``out_dir/data``.
 
-    A prefix, not a sample: every row, seed and rerun sees the same text, and the tokenizer trained on
-    it is cached by content like any other corpus."""
-    if fraction >= 1.0:
-        return path
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    keep = lines[: max(1, math.ceil(fraction * len(lines)))]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    target = os.path.join(out_dir, "data", f"{stem}.first{100 * fraction:g}pct.txt")
-    if not os.path.isfile(target):
+    A prefix, not a sample: every row, seed and rerun sees the same text."""
+    target = subset_path(path, fraction, out_dir)
+    if target != path and not os.path.isfile(target):
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        keep = lines[: max(1, math.ceil(fraction * len(lines)))]
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = target + f".tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -146,15 +149,16 @@ def full_corpus_tokenizer(opts) -> list[str]:
     vocabulary stays that of the corpus (a prefix may be too small for it), and the same for every row."""
     if train_fraction(opts) >= 1.0 or opts.dry_run or "--tokenizer" in opts.extra:
         return []
-    from megatie.config import PRESETS
+    from megatie.config import TrainConfig
     from megatie.data.tokenizers import train_sentencepiece
 
     lines = []
     for path in opts.train_file:
         with open(path, encoding="utf-8") as f:
             lines += [line.rstrip("\n") for line in f if line.strip()]
-    vocab = PRESETS[opts.preset].get("vocab_size") or 8192
-    return ["--tokenizer", str(train_sentencepiece(lines, vocab, "~/.cache/megatie").model_file)]
+    cfg = TrainConfig(preset=opts.preset).resolved()  # the vocabulary and cache the launcher would use
+    vocab = int(opts.extra[opts.extra.index("--vocab-size") + 1]) if "--vocab-size" in opts.extra else cfg.vocab_size
+    return ["--tokenizer", str(train_sentencepiece(lines, vocab, cfg.cache_dir).model_file)]
 
 
 def command(opts, name: str, seed: int) -> list[str]:
@@ -164,7 +168,8 @@ def command(opts, name: str, seed: int) -> list[str]:
            "--out-dir", run_dir(opts.out_dir, opts.regime, seed, name), "--eval-every", str(max(1, steps // evals)),
            "--eval-batches", str(opts.eval_batches), "--no-progress"]
     for f in opts.train_file:
-        cmd += ["--train-file", f if opts.dry_run else subset_file(f, train_fraction(opts), opts.out_dir)]
+        place = subset_path if opts.dry_run else subset_file  # a dry run names the file, writes nothing
+        cmd += ["--train-file", place(f, train_fraction(opts), opts.out_dir)]
     for f in opts.valid_file:
         cmd += ["--valid-file", f]
     ref = run_dir(opts.out_dir, opts.regime, seed, "qlearning")
