@@ -173,7 +173,7 @@ def command(opts, name: str, seed: int) -> list[str]:
     for f in opts.valid_file:
         cmd += ["--valid-file", f]
     ref = run_dir(opts.out_dir, opts.regime, seed, "qlearning")
-    return cmd + getattr(opts, "tokenizer_args", []) + row_args(name, ref, opts.n_layer) + opts.extra
+    return cmd + opts.tokenizer_args + row_args(name, ref, opts.n_layer) + opts.extra
 
 
 def ordered(rows: list[str]) -> list[str]:
@@ -293,6 +293,7 @@ def parse(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     opts.extra = [a for a in opts.extra if a != "--"]
+    opts.tokenizer_args = []  # main() fills it when the regime trains on a corpus prefix
     if opts.train_fraction is not None and not 0 < opts.train_fraction <= 1:
         p.error(f"--train-fraction must be in (0, 1], got {opts.train_fraction}")
     return opts, ordered(rows)
