@@ -1,66 +1,76 @@
-"""Cost of a regroup and end-to-end throughput, megatie vs conventional, ZeRO-2, k = 15.
+"""What a regroup costs: time against a training step, carried memory against the optimizer state,
+end-to-end throughput against conventional training - on 1 and 2 ranks, at two shapes.
 
-Reports the mean time of one regroup (state gather, teardown, ``deepspeed.initialize``, restore)
-against the mean time of one training step, and tokens per second of the whole run for both
-variants (the paper: megatie 11% slower per epoch than conventional). Each variant runs in its own
-process, with the same model, batch and data.
+For every (shape, ranks): megatie (the paper's agent, ZeRO-2, a decision every k=15 steps) and
+conventional training side by side, each in fresh processes. Reported from megatie's own run records:
 
-    python benchmarks/regroup_overhead.py --quick --out benchmarks/results/regroup_overhead_quick.json
+- ``regroup_over_step``: mean regroup time / mean training-step time (summary.json);
+- ``max_transient_over_state``: the largest ``regroup_transient_bytes`` (the most bytes any rank held
+  for carried state) over ``optimizer_state_bytes`` (fp32 masters and moments of all ranks after
+  the regroup); 1/W is the ideal for W ranks;
+- tokens per second, megatie / conventional.
+
+    python benchmarks/regroup_overhead.py --out benchmarks/results/regroup_overhead.json
+    python benchmarks/regroup_overhead.py --quick      # the default shape only
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from memory import DEFAULT, ROOT, run_side_by_side  # noqa: E402
+from harness import ROOT, scratch_dir, side_by_side, write_json  # noqa: E402
 
-QUICK = dict(DEFAULT, n_embd=192, n_head=4, n_layer=12, max_steps=45, tie_every=15)
-FULL = dict(DEFAULT, max_steps=150, tie_every=15)
+SHAPES = {
+    "default": dict(n_layer=12, n_embd=192, n_head=4, seq_len=64, batch_size=4, vocab_size=512, max_steps=45,
+                    tie_every=15),
+    "large": dict(n_layer=24, n_embd=384, n_head=6, seq_len=64, batch_size=4, vocab_size=512, max_steps=45,
+                  tie_every=15),
+}
+
+
+def measure(shape: str, settings: dict, ranks: int, ds_config: str, seed: int) -> dict:
+    res = side_by_side(dict(settings, probe=False), ds_config, seed, world=ranks)
+    conv, mega = res["conventional"], res["megatie"]
+    return {"shape": shape, "ranks": ranks, "settings": settings, "regroups": mega["regroups"],
+            "regroup_s_mean": mega["regroup_seconds_mean"], "step_s_mean": mega["step_seconds_mean"],
+            "regroup_over_step": mega["regroup_over_step"],
+            "max_transient_over_state": mega["max_transient_over_state"],
+            "optimizer_state_bytes": mega["optimizer_state_bytes"],
+            "tokens_per_second": {"conventional": conv["tokens_per_second"], "megatie": mega["tokens_per_second"]},
+            "megatie_vs_conventional_throughput": mega["tokens_per_second"] / conv["tokens_per_second"],
+            "rank_checksums_agree": len(set(mega["rank_param_checksums"])) == 1,
+            "mean_independent_layers": mega["mean_independent_layers"], "device": mega["device"]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="the default shape only")
+    p.add_argument("--ranks", default="1,2", help="comma-separated world sizes")
     p.add_argument("--ds-config", default=os.path.join(ROOT, "ds_configs", "zero2.json"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out")
-    for key in DEFAULT:
-        p.add_argument(f"--{key.replace('_', '-')}", type=int)
     args = p.parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
-    settings.update({k: getattr(args, k) for k in DEFAULT if getattr(args, k) is not None})
-    settings["probe"] = False  # no memory probes in a timing run
+    shapes = ["default"] if args.quick else list(SHAPES)
     t0 = time.perf_counter()
-    res = run_side_by_side(settings, args.ds_config, args.seed)
-    conv, mega = res["conventional"], res["megatie"]
-    regroup = mega["regroup_seconds"] / max(mega["regroups"], 1)
-    step = (mega["train_time_s"] - mega["regroup_seconds"]) / mega["steps"]
-    out = {
-        "settings": settings, "ds_config": os.path.relpath(args.ds_config, ROOT),
-        "regroups": mega["regroups"], "regroup_s_mean": regroup, "megatie_step_s_mean": step,
-        "conventional_step_s_mean": conv["train_time_s"] / conv["steps"],
-        "regroup_over_step": regroup / step,
-        "tokens_per_second": {"conventional": conv["tokens_per_second"], "megatie": mega["tokens_per_second"]},
-        "megatie_vs_conventional_throughput": mega["tokens_per_second"] / conv["tokens_per_second"],
-        "mean_independent_layers": mega["mean_independent_layers"],
-        "device": mega["device"], "benchmark_wall_s": time.perf_counter() - t0,
-    }
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
-    print(f"one regroup {regroup * 1e3:.0f} ms vs one megatie step {step * 1e3:.0f} ms "
-          f"({out['regroup_over_step']:.2f} steps); conventional step {out['conventional_step_s_mean'] * 1e3:.0f} ms")
-    print(f"tokens/s: conventional {conv['tokens_per_second']:.0f}, megatie {mega['tokens_per_second']:.0f} "
-          f"(megatie/conventional = {out['megatie_vs_conventional_throughput']:.2f}) over {mega['steps']} steps, "
-          f"{mega['regroups']} regroups, k={settings['tie_every']}")
+    rows = []
+    with scratch_dir():
+        for shape in shapes:
+            for ranks in (int(r) for r in args.ranks.split(",")):
+                rows.append(measure(shape, SHAPES[shape], ranks, args.ds_config, args.seed))
+    out = {"rows": rows, "ds_config": os.path.relpath(os.path.abspath(args.ds_config), ROOT),
+           "benchmark_wall_s": time.perf_counter() - t0}
+    write_json(args.out, out)
+    print(f"{'shape':8}{'ranks':>6}{'regroups':>9}{'regroup ms':>11}{'step ms':>9}{'regroup/step':>13}"
+          f"{'transient/state':>16}{'tok/s megatie/conv':>20}{'checksums':>10}")
+    for r in rows:
+        print(f"{r['shape']:8}{r['ranks']:6d}{r['regroups']:9d}{r['regroup_s_mean'] * 1e3:11.1f}"
+              f"{r['step_s_mean'] * 1e3:9.1f}{r['regroup_over_step']:13.3f}{r['max_transient_over_state']:16.3f}"
+              f"{r['megatie_vs_conventional_throughput']:20.2f}{'equal' if r['rank_checksums_agree'] else 'DIFFER':>10}")
     return 0
 
 

@@ -85,14 +85,23 @@ def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dic
     save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
     torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
     torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-    files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("model.safetensors", "optimizer.pt", "trainer.pt")}
-    for f in files:
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
-    write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files})
-    fsync_dir(tmp)
+    seal_checkpoint_dir(tmp)
     replace_dir(tmp, final)
     return final
+
+
+def seal_checkpoint_dir(tmp: str, **meta) -> None:
+    """Make every file under ``tmp`` durable and list it, with its size, in ``meta.json`` - written last,
+    so a directory with a meta.json is complete (sizes are checked before anything is loaded)."""
+    files = {}
+    for dirpath, _, filenames in os.walk(tmp):
+        for fname in filenames:
+            full = os.path.join(dirpath, fname)
+            with open(full, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+    write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files, **meta})
+    fsync_dir(tmp)
 
 
 def replace_dir(tmp: str, final: str) -> None:

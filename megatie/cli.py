@@ -54,6 +54,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--warmup-steps", type=int)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    opt.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
+    opt.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
+    opt.add_argument("--adam-eps", type=float, default=d.adam_eps)
     tie = p.add_argument_group("tying")
     tie.add_argument("--tie-policy", default=d.tie_policy, metavar="NAME",
                      help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))
@@ -103,6 +106,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     log.add_argument("--eval-batches", type=int, default=d.eval_batches, help="cap on validation batches")
     log.add_argument("--checkpoint-every", type=int)
     log.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    log.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
+                     help="write no step or best checkpoints (benchmarks, throwaway runs)")
     log.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     ds = p.add_argument_group("DeepSpeed (engine settings only; batch, lr and clipping come from the flags above)")
     ds.add_argument("--deepspeed", metavar="CONFIG",
@@ -111,6 +116,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="set by the deepspeed launcher")
     ds.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute block activations in backward (non-reentrant; works with tied blocks)")
+    ds.add_argument("--dist-timeout-s", type=int, default=d.dist_timeout_s,
+                    help="a collective that waits longer than this ends the run with an error")
     return p
 
 
@@ -134,82 +141,22 @@ def run_main(main_fn, argv=None) -> int:
         return 130
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process_env(local_rank: int | None) -> None:
-    """Defaults that let one process run DeepSpeed without its launcher (no MPI discovery)."""
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def init_deepspeed_distributed(local_rank: int | None = None):
-    """Start the process group the way DeepSpeed does (NCCL on GPUs, gloo/ccl on CPUs).
-
-    Returns ``(rank, world_size, device)``."""
-    _single_process_env(local_rank)
-    import deepspeed
-    import torch.distributed as tdist
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", local_rank or 0)))
-    if not tdist.is_initialized():
-        deepspeed.init_distributed()
-    import torch
-
-    return tdist.get_rank(), tdist.get_world_size(), torch.device(accelerator.current_device_name())
-
-
 def train_main(argv=None) -> dict:
-    from functools import partial
+    from megatie.trainer import Trainer
 
-    from megatie.trainer import Trainer, TorchEngine
-
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if not args.deepspeed:
-        factory = TorchEngine
-        if args.activation_checkpointing:
-            def factory(model, cfg, device):
-                from megatie.zero import enable_activation_checkpointing
-
-                enable_activation_checkpointing(model)
-                return TorchEngine(model, cfg, device)
-        summary = Trainer(cfg, engine_factory=factory).train()
+    cfg = config_from_args(build_parser().parse_args(argv))
+    cfg.resolved()  # validate everything (a bad DeepSpeed config included) before any process group exists
+    if not cfg.deepspeed:
+        summary = Trainer(cfg).train()
     else:
-        from megatie.zero import DeepSpeedEngine, load_ds_config
+        from megatie.distributed import init_deepspeed_distributed, shutdown_distributed
 
-        load_ds_config(args.deepspeed)  # a bad config fails before any process group exists
-        rank, world_size, device = init_deepspeed_distributed(args.local_rank)
-        import torch.distributed as tdist
-
+        sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
         try:
-            factory = partial(DeepSpeedEngine, ds_config=args.deepspeed,
-                              activation_checkpointing=args.activation_checkpointing)
-            summary = Trainer(cfg, rank=rank, world_size=world_size, barrier=tdist.barrier,
-                              engine_factory=factory, device=device).train()
+            summary = Trainer(cfg, sync=sync).train()
         finally:
-            # Explicit teardown: without it a rank can abort at interpreter exit.
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
-            # The engine froze the garbage collector's view of long-lived objects to keep regroups
-            # short; hand them back so extension modules shut down cleanly at exit.
-            import gc
-
-            gc.unfreeze()
-        if rank != 0:
+            shutdown_distributed()
+        if sync.rank != 0:
             return summary
     keys = ("steps", "final_val_ppl", "best_val_ppl", "mean_independent_layers", "final_trainable_params",
             "tokens_per_second")

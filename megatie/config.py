@@ -52,6 +52,18 @@ class TrainConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    # engine: DeepSpeed when a config is given (its JSON holds engine settings only), plain torch otherwise
+    deepspeed: str | None = None
+    # Derived by resolved(), recorded in config.json: the DeepSpeed config's validated content and the
+    # precision it selects ("fp32" without DeepSpeed). Not settings of their own.
+    deepspeed_config: dict | None = None
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    local_rank: int | None = None  # set by the deepspeed launcher
+    dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
     # tying
     # The measured recommendation (benchmarks/RESULTS.md §6): within 5% of conventional perplexity at a
     # third of its trainable parameters in every regime measured; the paper's agent is kept as `qlearning`.
@@ -90,6 +102,7 @@ class TrainConfig:
     eval_batches: int | None = 50
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+    save_checkpoints: bool = True  # False: no step/best checkpoints (benchmarks)
     progress: bool = True
 
     def resolved(self) -> "TrainConfig":
@@ -111,8 +124,19 @@ class TrainConfig:
             cfg.checkpoint_every = cfg.eval_every
         if cfg.reward_batch_size is None:
             cfg.reward_batch_size = cfg.batch_size
+        if cfg.deepspeed is not None or cfg.deepspeed_config is not None:
+            from megatie.engines.ds_config import load_ds_config, precision_of
+
+            cfg.deepspeed_config = load_ds_config(cfg.deepspeed if cfg.deepspeed is not None else cfg.deepspeed_config)
+            cfg.precision = precision_of(cfg.deepspeed_config)
+        else:
+            cfg.precision = "fp32"
         cfg.validate()
         return cfg
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.deepspeed_config is not None
 
     def validate(self) -> None:
         positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
@@ -122,6 +146,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise ConfigError(f"Adam settings out of range: betas ({self.adam_beta1}, {self.adam_beta2}) must be in "
+                              f"[0, 1) and eps ({self.adam_eps}) positive")
+        if not isinstance(self.dist_timeout_s, int) or self.dist_timeout_s < 1:
+            raise ConfigError(f"--dist-timeout-s must be a positive number of seconds, got {self.dist_timeout_s!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
         if self.vocab_size < 16:

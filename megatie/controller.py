@@ -8,6 +8,12 @@ on a fresh random training batch. Both are called identically on every rank.
 i.e. after k steps of training under the structure it chose, instead of right after the copy (which
 only measures the damage a copy does, never what the structure is worth once trained). The
 ``loss-drop`` reward is always delayed: loss at decision t (before its copies) minus loss at t+1.
+
+With several ranks, rank 0 decides and every other rank follows (``megatie.distributed.RankSync``):
+the reward is the mean of every rank's measurement, the proposal and the policy's state (its Q
+network, exploration generator, eps) come from rank 0 by broadcast, and before a decision is
+applied, and again after its regroup, the ranks check that they hold the same tie state and the
+same weights - a mismatch is one clear error on every rank, never a hang in the next collective.
 """
 
 from __future__ import annotations
@@ -15,17 +21,28 @@ from __future__ import annotations
 from typing import Callable
 
 from megatie.agent import reward_from_loss
+from megatie.distributed import RankSync, param_checksum
 from megatie.errors import ConfigError
-from megatie.policies import TyingPolicy
+from megatie.policies import Proposal, TyingPolicy
 from megatie.state import identity_state, num_independent
-from megatie.tying import LayerTying, RegroupPlan, count_parameters
+from megatie.tying import LayerTying, RegroupPlan, count_parameters, unique_parameters
+
+
+def _merge_regroups(first: dict, second: dict) -> dict:
+    """One decision that regrouped twice (ablation v: copy, then untie again) records both."""
+    if not first or not second:
+        return first or second
+    return {"regroup_seconds": first["regroup_seconds"] + second["regroup_seconds"],
+            "regroup_transient_bytes": max(first["regroup_transient_bytes"], second["regroup_transient_bytes"]),
+            "optimizer_state_bytes": second["optimizer_state_bytes"]}
 
 
 class TieController:
     def __init__(self, tying: LayerTying, policy: TyingPolicy, tie_every: int = 15,
                  reward: str = "neg-ppl",
-                 regroup: Callable[[RegroupPlan], None] | None = None,
-                 reward_loss: Callable[[], float] | None = None, reward_delay: bool = False):
+                 regroup: Callable[[RegroupPlan], dict | None] | None = None,
+                 reward_loss: Callable[[], float] | None = None, reward_delay: bool = False,
+                 last_step: int | None = None, sync: RankSync | None = None):
         if tie_every < 1:
             raise ConfigError(f"--tie-every must be a positive number of steps, got {tie_every}")
         reward_from_loss(0.0, reward, previous=0.0)  # validates the name
@@ -34,6 +51,8 @@ class TieController:
         self.tying, self.policy, self.tie_every, self.reward = tying, policy, tie_every, reward
         self.regroup = regroup or (lambda plan: None)
         self.reward_loss = reward_loss
+        self.last_step = last_step  # no decision there: its copies would never be trained
+        self.sync = sync or RankSync()
         self.reward_delay = reward_delay or reward == "loss-drop"
         # (state, action, next_state, decision index, loss before its copies) awaiting its delayed reward.
         self._pending: tuple | None = None
@@ -44,10 +63,12 @@ class TieController:
     def setup(self) -> None:
         """Put the model in the policy's starting structure; call before building the optimizer."""
         self.tying.initialize(self.policy.initial_state(), self.policy.initial_frozen())
+        self._follow_main(None, None)  # every rank starts from rank 0's policy (Q network, generator)
 
     def is_decision_step(self, step: int) -> bool:
-        """``step`` = optimizer steps completed; the first decision comes after k steps."""
-        return self.policy.decides and step > 0 and step % self.tie_every == 0
+        """``step`` = optimizer steps completed; the first decision comes after k steps, none at the last."""
+        return (self.policy.decides and step > 0 and step % self.tie_every == 0
+                and (self.last_step is None or step < self.last_step))
 
     def maybe_decide(self, step: int) -> dict | None:
         return self.decide(step) if self.is_decision_step(step) else None
@@ -55,26 +76,31 @@ class TieController:
     def decide(self, step: int) -> dict:
         state = list(self.policy_state)
         old_physical = list(self.tying.state)
-        delayed = None
-        loss_before = None
-        if self.policy.learns and self.reward_delay and (self._pending is not None or self.reward == "loss-drop"):
+        index = len(self.history)
+        learns = self.policy.learns
+        delayed = proposal = loss_before = None
+        if learns and self.reward_delay and (self._pending is not None or self.reward == "loss-drop"):
             # Measured before this decision's copies: k steps of training under the previous choice.
             loss_before = self._measure()
-        if self.policy.learns and self.reward_delay and self._pending is not None:
-            prev_state, prev_action, prev_next, prev_index, prev_loss = self._pending
-            r = reward_from_loss(loss_before, self.reward, previous=prev_loss)
-            delayed = {"reward": r, "reward_loss": loss_before, "rewarded_decision": prev_index,
-                       **self.policy.observe(prev_state, prev_action, r, prev_next)}
-        proposal = self.policy.propose(state, len(self.history))
+        if self.sync.is_main:
+            if learns and self.reward_delay and self._pending is not None:
+                prev_state, prev_action, prev_next, prev_index, prev_loss = self._pending
+                r = reward_from_loss(loss_before, self.reward, previous=prev_loss)
+                delayed = {"reward": r, "reward_loss": loss_before, "rewarded_decision": prev_index,
+                           **self.policy.observe(prev_state, prev_action, r, prev_next)}
+            proposal = self.policy.propose(state, index)
+        proposal, delayed = self._follow_main(proposal, delayed)
+        self.sync.verify(f"the tie state of decision {index}", list(proposal.state))
         plan = self.tying.apply(proposal.state)
-        self.regroup(plan)
+        regrouped = self.regroup(plan) or {}
         if not self.policy.ties:
             # Ablation (v): the copies happened; every block now trains on its own again.
-            self.regroup(self.tying.apply(identity_state(self.tying.num_blocks)))
+            regrouped = _merge_regroups(regrouped, self.regroup(self.tying.apply(identity_state(self.tying.num_blocks))) or {})
+        self._verify_ranks(index)
         record = {
             "event": "decision",
             "step": step,
-            "decision": len(self.history),
+            "decision": index,
             "action": proposal.action,
             "state": list(self.tying.state),
             "explored": proposal.explored,
@@ -84,19 +110,21 @@ class TieController:
             "structure_changes": (self.history[-1]["structure_changes"] if self.history else 0)
             + (self.tying.state != old_physical),
             **plan.transition.counts(),
+            **regrouped,
         }
         if proposal.state != record["state"]:
             record["policy_state"] = proposal.state
-        if self.policy.learns:
+        if learns:
             if self.reward_delay:
                 if delayed is not None:
                     record.update(delayed)
-                self._pending = (state, proposal.action, proposal.state, len(self.history), loss_before)
+                self._pending = (state, proposal.action, proposal.state, index, loss_before)
             else:
                 loss = self._measure()
                 r = reward_from_loss(loss, self.reward)
                 record.update({"reward": r, "reward_loss": loss})
-                record.update(self.policy.observe(state, proposal.action, r, proposal.state))
+                if self.sync.is_main:  # the others take the learned policy at the next broadcast
+                    record.update(self.policy.observe(state, proposal.action, r, proposal.state))
             if not proposal.explored:
                 self._greedy_seen.add(tuple(proposal.state))
             record["distinct_greedy_states"] = len(self._greedy_seen)
@@ -107,10 +135,26 @@ class TieController:
         self.history.append(record)
         return record
 
+    def _follow_main(self, proposal: Proposal | None, delayed: dict | None):
+        """Rank 0's proposal, delayed-reward record and policy state, on every rank."""
+        if self.sync.world_size == 1:
+            return proposal, delayed
+        sent = self.sync.broadcast((proposal, delayed, self.policy.state_dict()) if self.sync.is_main else None)
+        if not self.sync.is_main:
+            self.policy.load_state_dict(sent[2])
+        return sent[0], sent[1]
+
+    def _verify_ranks(self, index: int) -> None:
+        if self.sync.world_size > 1:
+            self.sync.verify(f"the tie state after decision {index}", list(self.tying.state))
+            self.sync.verify(f"the weights after decision {index} (parameter checksum)",
+                             param_checksum(unique_parameters(self.tying.model)))
+
     def _measure(self) -> float:
+        """The reward's loss, averaged over ranks (each measures on its own batch)."""
         if self.reward_loss is None:
             raise RuntimeError("a learning policy needs a reward_loss callback")
-        return float(self.reward_loss())
+        return self.sync.mean(float(self.reward_loss()))
 
     def state_dict(self) -> dict:
         return {"tying": self.tying.state_dict(), "policy": self.policy.state_dict(),

@@ -1,11 +1,16 @@
-"""Peak and average training memory.
+"""Peak and average training memory, honest across DeepSpeed's counter resets.
 
-On CUDA, ``peak_bytes`` is ``torch.cuda.max_memory_allocated`` (what tensors needed) and the
-average comes from a background thread that samples the device's used memory through NVML (what
-``nvidia-smi`` shows, allocator cache included) every ``interval`` seconds; ``peak_reserved_bytes``
-is the allocator's reserved peak. On CPU both come from sampling the process's resident set size
-(RSS): that includes the Python interpreter and libraries, so ratios between runs understate the
-difference in tensor memory.
+On CUDA, ``peak_bytes`` is the allocator's peak (``torch.cuda.max_memory_allocated``: what tensors
+needed), ``peak_reserved_bytes`` its reserved peak (cache included), and a background thread samples
+the device's used memory through NVML (what ``nvidia-smi`` shows) every ``interval`` seconds for
+``avg_bytes`` and ``peak_sampled_bytes``. DeepSpeed resets the CUDA peak counters on its own -
+``deepspeed.runtime.utils.empty_cache()`` and ``see_memory_usage(force=True)`` do, once per param
+group in every ZeRO optimizer constructor - so a peak read at the end would cover only the time
+since the last reset. While a monitor runs, every reset first folds the current peaks into the
+run's (``resets_folded`` counts them).
+
+On CPU both figures come from sampling the process's resident set size (RSS): that includes the
+Python interpreter and libraries, so ratios between runs understate the difference in tensor memory.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ class MemoryMonitor:
         self.device = torch.device(device)
         self.interval = interval
         self.samples = 0
+        self.resets_folded = 0
         self._sum = 0.0
         self._max = 0
+        self._peak_allocated = 0
+        self._peak_reserved = 0
+        self._saved_resets = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml = None
@@ -72,9 +81,37 @@ class MemoryMonitor:
         self._sum += value
         self._max = max(self._max, value)
 
+    def fold_peaks(self) -> None:
+        """Take the allocator's peaks so far into the run's (before anyone resets them)."""
+        self._peak_allocated = max(self._peak_allocated, int(torch.cuda.max_memory_allocated(self.device)))
+        self._peak_reserved = max(self._peak_reserved, int(torch.cuda.max_memory_reserved(self.device)))
+
+    def _guard_resets(self) -> None:
+        """Wrap ``torch.cuda.reset_peak_memory_stats`` (both names it is reached by; the deprecated
+        ``reset_max_memory_*`` call it too) so that a reset folds the peaks first."""
+        import torch.cuda.memory as cuda_memory
+
+        original = cuda_memory.reset_peak_memory_stats
+        self._saved_resets = (torch.cuda.reset_peak_memory_stats, original)
+
+        def reset_peak_memory_stats(device=None):
+            self.fold_peaks()
+            self.resets_folded += 1
+            return original(device)
+
+        torch.cuda.reset_peak_memory_stats = cuda_memory.reset_peak_memory_stats = reset_peak_memory_stats
+
+    def _unguard_resets(self) -> None:
+        if self._saved_resets is not None:
+            import torch.cuda.memory as cuda_memory
+
+            torch.cuda.reset_peak_memory_stats, cuda_memory.reset_peak_memory_stats = self._saved_resets
+            self._saved_resets = None
+
     def start(self) -> "MemoryMonitor":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._guard_resets()
         self._thread = threading.Thread(target=self._run, name="megatie-memory", daemon=True)
         self._thread.start()
         return self
@@ -85,11 +122,13 @@ class MemoryMonitor:
             self._thread.join()
         self.sample()
         result = {"avg_bytes": int(self._sum / max(self.samples, 1)), "samples": self.samples,
-                  "source": "cuda+nvml" if self._nvml else self.device.type}
+                  "source": "cuda+nvml" if self._nvml else self.device.type,
+                  "peak_reserved_bytes": None, "peak_sampled_bytes": None, "resets_folded": self.resets_folded}
         if self.device.type == "cuda":
-            result["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
-            result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
-            result["peak_sampled_bytes"] = self._max
+            self.fold_peaks()
+            self._unguard_resets()
+            result.update(peak_bytes=self._peak_allocated, peak_reserved_bytes=self._peak_reserved,
+                          peak_sampled_bytes=self._max)
         else:
             result["peak_bytes"] = self._max
         return result

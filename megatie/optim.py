@@ -1,13 +1,15 @@
-"""A plain torch optimizer that follows the tie groups.
+"""The optimizer pieces every engine shares: one AdamW builder, the LR schedule, and the plain-torch
+regroup that follows the tie groups.
 
 After every decision the optimizer must hold exactly the unique trainable tensors of the model:
 survivors keep their state, an untied block starts with a copy of its source's state (moments and
-step count), a tied block's state is dropped so its memory is freed. This is the reference the
-DeepSpeed engine integration is checked against, step for step.
+step count), a tied block's state is dropped so its memory is freed. ``regroup_optimizer`` does this
+for a plain torch AdamW; it is the reference the DeepSpeed engine is checked against, step for step.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -29,11 +31,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                eps: float = 1e-8) -> torch.optim.AdamW:
-    # foreach=False: the per-parameter loop gives results independent of how tensors are grouped,
-    # so a regrouped optimizer and an uninterrupted one are bit-identical.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)
+def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (each with its own ``weight_decay``), the one optimizer megatie builds.
+
+    ``foreach=False``: the per-parameter loop gives results independent of how tensors are grouped or
+    flattened, so a regrouped optimizer, an uninterrupted one and DeepSpeed's flat partitions agree
+    bit for bit."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=False)
+
+
+def adamw_for(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """The run's AdamW over the model's unique trainable tensors (settings from ``TrainConfig``)."""
+    return build_adamw(param_groups(model, cfg.weight_decay), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of the tensors in an optimizer's per-parameter state."""
+    return sum(v.numel() * v.element_size() for st in state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
 
 
 def clone_state(state: dict) -> dict:

@@ -200,7 +200,10 @@ class GrowPolicy(TyingPolicy):
         return all_tied_state(self.num_blocks)
 
     def groups_at(self, step: int) -> int:
-        progress = step / self.total_steps
+        # Progress over the decisions that happen: none at the last step, so the final split comes at
+        # the last decision before it.
+        last_decision = max(self.tie_every, (self.total_steps - 1) // self.tie_every * self.tie_every)
+        progress = step / last_decision
         if progress < self.start:
             return 1
         n = len(self.chain)

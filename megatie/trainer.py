@@ -1,9 +1,10 @@
 """The training loop: data, model, tying controller, an optimisation engine, logs, checkpoints.
 
 Read top to bottom: ``Trainer.__init__`` builds everything (resuming if asked), ``train()`` runs
-the schedule and writes ``summary.json``. The optimisation itself lives in an *engine*:
-``TorchEngine`` here (one process, plain AdamW, the reference), or the DeepSpeed one in
-``megatie.zero``. Both expose ``train_step``, ``regroup``, ``lr``, ``state_dict``.
+the schedule and writes ``summary.json``. The optimisation itself lives in an *engine* built by
+``megatie.engines.build_engine``: plain torch in one process (the reference) or DeepSpeed ZeRO on
+any number of ranks; both expose ``train_step``, ``regroup``, ``lr``, ``state_dict``,
+``save_checkpoint``. Ranks agree through ``megatie.distributed.RankSync``.
 """
 
 from __future__ import annotations
@@ -17,89 +18,36 @@ import torch
 from tqdm.auto import tqdm
 
 from megatie.agent import AgentConfig
-from megatie.checkpoint import (
-    load_checkpoint,
-    load_model_tensors,
-    prune_checkpoints,
-    resolve_resume,
-    save_checkpoint,
-    step_name,
-)
+from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, resolve_resume, step_name
 from megatie.config import TrainConfig
 from megatie.controller import TieController
 from megatie.data import build_lm_data
+from megatie.distributed import RankSync, param_checksum
+from megatie.engines import build_engine
 from megatie.errors import CheckpointError, ConfigError
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
 from megatie.models import build_gpt2
-from megatie.optim import build_adamw, regroup_optimizer
 from megatie.policies import build_policy, load_reference_run
 from megatie.state import num_independent
 from megatie.tying import LayerTying, count_parameters, unique_parameters
 
 # Config fields that must match between a checkpoint and the run that resumes it.
 _STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+# Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
+_RANK_STREAM = 7919
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
 
 
-class TorchEngine:
-    """One process, AdamW over the unique trainable tensors, regrouped at every decision."""
-
-    def __init__(self, model, cfg: TrainConfig, device: torch.device):
-        self.model, self.cfg, self.device = model, cfg, device
-        self.optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
-        self.model.train()
-        total = 0.0
-        for batch in micro_batches:
-            loss = causal_lm_loss(self.model, batch.to(self.device)) / len(micro_batches)
-            loss.backward()
-            total += float(loss.detach())
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unique_parameters(self.model, trainable_only=True), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
-
-    def regroup(self, plan) -> None:
-        regroup_optimizer(self.optimizer, self.model, plan)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        try:
-            self.optimizer.load_state_dict(sd["optimizer"])
-            self.scheduler.load_state_dict(sd["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"optimizer state does not match the model: {e}") from None
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, barrier=None,
-                 engine_factory=TorchEngine, device: torch.device | None = None):
-        self.rank, self.world_size = rank, world_size
-        self.device = device or torch.device("cpu")
+    def __init__(self, cfg: TrainConfig, sync: RankSync | None = None, device: torch.device | None = None,
+                 observer=None):
+        self.sync = sync or RankSync()
+        rank, world_size = self.rank, self.world_size = self.sync.rank, self.sync.world_size
+        self.device = device or self.sync.device
         reference = load_reference_run(cfg.reference_run) if cfg.reference_run else None
         if cfg.tie_policy == "vanilla":
             layers = cfg.vanilla_layers or (reference or {}).get("summary", {}).get("final_independent_layers")
@@ -114,12 +62,13 @@ class Trainer:
         self.data = build_lm_data(
             train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
             tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-            cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size, barrier=barrier)
+            cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size,
+            barrier=self.sync.barrier)
         # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
         cfg.vocab_size = self.data.vocab_size
 
         self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
-                                cfg.dropout, seed=cfg.seed).to(self.device)
+                                cfg.dropout, seed=cfg.seed, device=self.device)
         self.tying = LayerTying(self.model, cfg.tie_mode)
         agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min,
                                    reward_norm=cfg.reward_norm, target_sync=cfg.target_sync,
@@ -132,20 +81,22 @@ class Trainer:
                                    grow_layout=cfg.grow_layout)
         self.controller = TieController(self.tying, self.policy, cfg.tie_every, cfg.reward,
                                         regroup=lambda plan: self.engine.regroup(plan),
-                                        reward_loss=self._reward_loss, reward_delay=cfg.reward_delay)
+                                        reward_loss=self._reward_loss, reward_delay=cfg.reward_delay,
+                                        last_step=cfg.max_steps, sync=self.sync)
         # Reward batches come from their own generator so that the training data order is the
         # same for every policy with the same seed.
-        self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1 + _RANK_STREAM * rank)
         self.loader = self.data.train_loader(cfg.batch_size, cfg.seed, rank, world_size)
         self.step = 0
         self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
+                      "step_time": 0.0, "regroup_time": 0.0, "regroups": 0,
                       "best_val_ppl": math.inf, "test_ppl_at_best_val": None}
 
         if checkpoint is None:
             self.controller.setup()
         else:
             self._restore_structure(checkpoint)
-        self.engine = engine_factory(self.model, cfg, self.device)
+        self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
         if checkpoint is not None:
             # A DeepSpeed engine loads its own files from the checkpoint directory.
             self.engine.load_state_dict({**checkpoint[1],
@@ -162,7 +113,7 @@ class Trainer:
             # A difference of two losses: on the same batch, batch-to-batch noise cancels. Drawn from
             # its own seed, so a resumed run measures on the same batch.
             batch = self.data.random_batch("train", self.cfg.reward_batch_size,
-                                           torch.Generator().manual_seed(self.cfg.seed + 2))
+                                           torch.Generator().manual_seed(self.cfg.seed + 2 + _RANK_STREAM * self.rank))
         else:
             batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
         was_training = self.model.training
@@ -193,14 +144,9 @@ class Trainer:
                 "config": {k: getattr(self.cfg, k) for k in _STRUCTURAL}, "world_size": self.world_size}
 
     def save(self, name: str | None = None) -> str:
+        """Every rank writes its part (DeepSpeed) or rank 0 writes all (torch); atomically either way."""
         root = os.path.join(self.cfg.out_dir, "checkpoints")
-        if hasattr(self.engine, "save_checkpoint"):
-            # DeepSpeed: every rank writes its partition; the engine adds the trainer state and
-            # meta.json and renames the directory into place (rank 0 updates ``latest`` last).
-            path = self.engine.save_checkpoint(root, name or step_name(self.step), self._trainer_state())
-        else:
-            path = save_checkpoint(root, name or step_name(self.step), self.model, self.engine.state_dict(),
-                                   self._trainer_state())
+        path = self.engine.save_checkpoint(root, name or step_name(self.step), self._trainer_state())
         if name is None and self.is_main:
             prune_checkpoints(root, self.cfg.keep_checkpoints)
         return path
@@ -235,7 +181,8 @@ class Trainer:
             while self.step < stop:
                 batches = [next(self.loader) for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
-                loss = self.engine.train_step(batches)
+                loss = self.engine.train_step(batches)  # returns a float: the step has finished
+                self.stats["step_time"] += time.perf_counter() - t0
                 self.step += 1
                 self.stats["trainable_sum"] += trainable
                 self.stats["independent_sum"] += num_independent(self.tying.state)
@@ -244,6 +191,9 @@ class Trainer:
                 self.stats["tokens"] += tokens_per_step
                 if decision is not None:
                     trainable = decision["trainable_params"]
+                    if "regroup_seconds" in decision:
+                        self.stats["regroup_time"] += decision["regroup_seconds"]
+                        self.stats["regroups"] += 1
                     self.logger.log(decision, self.step, prefix="tying/")
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.logger.log({"event": "train", "step": self.step, "loss": loss, "lr": self.engine.lr,
@@ -251,7 +201,7 @@ class Trainer:
                                      "tokens_per_second": self._tokens_per_second()}, self.step, prefix="train/")
                 if self.step % cfg.eval_every == 0 or self.step == stop:
                     last_val = self._evaluate_and_track()
-                if self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                if cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self.save()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(),
@@ -275,13 +225,24 @@ class Trainer:
             self.stats["best_val_ppl"] = val
             if "test" in self.data.splits:
                 self.stats["test_ppl_at_best_val"] = row["test_ppl"] = self.evaluate("test")
-            self.save("best")
+            if self.cfg.save_checkpoints:
+                self.save("best")
         self.logger.log(row, self.step, prefix="eval/")
         return val
 
+    def _regroup_over_step(self) -> float | None:
+        """Mean regroup time over mean training-step time (None before any regroup)."""
+        if not self.stats["regroups"] or not self.step:
+            return None
+        return (self.stats["regroup_time"] / self.stats["regroups"]) / max(self.stats["step_time"] / self.step, 1e-12)
+
     def _summary(self, memory: dict, final_val: float) -> dict:
+        """Collective: every rank calls it (memory is the most any rank used, checksums one per rank)."""
         steps = max(self.step, 1)
         trainable, total = count_parameters(self.model)
+        ranks_memory = self.sync.gather({k: memory.get(k) for k in ("peak_bytes", "avg_bytes", "peak_reserved_bytes",
+                                                                    "peak_sampled_bytes")})
+        most = {k: max((m[k] for m in ranks_memory if m[k] is not None), default=None) for k in ranks_memory[0]}
         return {
             "final_val_ppl": final_val,
             "best_val_ppl": self.stats["best_val_ppl"],
@@ -296,10 +257,21 @@ class Trainer:
             "decisions": len(self.controller.history),
             "tokens_per_second": self._tokens_per_second(),
             "train_time_s": self.stats["train_time"],
-            "peak_memory_bytes": memory["peak_bytes"],
-            "avg_memory_bytes": memory["avg_bytes"],
+            "peak_memory_bytes": most["peak_bytes"],
+            "avg_memory_bytes": most["avg_bytes"],
+            "peak_reserved_bytes": most["peak_reserved_bytes"],
+            "peak_sampled_bytes": most["peak_sampled_bytes"],
             "memory_source": memory["source"],
+            "peak_resets_folded": memory.get("resets_folded", 0),
+            "optimizer_state_bytes": self.engine.optimizer_state_bytes(),
+            "regroups": int(self.stats["regroups"]),
+            "regroup_seconds_mean": self.stats["regroup_time"] / self.stats["regroups"] if self.stats["regroups"] else None,
+            "step_seconds_mean": self.stats["step_time"] / steps,
+            "regroup_over_step": self._regroup_over_step(),
+            "rank_param_checksums": self.sync.gather(param_checksum(unique_parameters(self.model))),
             "steps": self.step,
+            "engine": "deepspeed" if self.cfg.uses_deepspeed else "torch",
+            "precision": self.cfg.precision,
             "tie_policy": self.cfg.tie_policy,
             "tie_mode": self.cfg.tie_mode,
             "reward": self.cfg.reward,

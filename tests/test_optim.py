@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from helpers import VOCAB, lm_loss, tiny_model
-from megatie.optim import build_adamw, regroup_optimizer
+from megatie.optim import build_adamw, param_groups, regroup_optimizer
 from megatie.tying import LayerTying, unique_parameters
 
 
@@ -15,7 +15,7 @@ def trained_setup(state, frozen=(), steps=3):
     model = tiny_model("gpt2", n_layer=4)
     tying = LayerTying(model)
     tying.initialize(state, frozen)
-    opt = build_adamw(model, lr=1e-2, weight_decay=0.1)
+    opt = build_adamw(param_groups(model, 0.1), lr=1e-2)
     for _ in range(steps):
         lm_loss(model, torch.randint(0, VOCAB, (2, 8))).backward()
         opt.step()
@@ -137,7 +137,7 @@ def run_ours(batches, carry_state=True):
     model = tiny_model("gpt2", n_layer=4)
     tying = LayerTying(model)
     tying.initialize([0] * 4, frozen=[1, 2, 3])
-    opt = build_adamw(model, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    opt = build_adamw(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
     losses = []
     for step, batch in enumerate(batches, start=1):
         loss = lm_loss(model, batch)

@@ -13,7 +13,9 @@ from megatie.trainer import Trainer
 
 SUMMARY_KEYS = ["final_val_ppl", "best_val_ppl", "mean_trainable_params", "final_trainable_params",
                 "mean_independent_layers", "final_independent_layers", "final_state", "tokens_per_second",
-                "peak_memory_bytes", "avg_memory_bytes", "steps"]
+                "peak_memory_bytes", "avg_memory_bytes", "steps", "regroup_over_step", "rank_param_checksums",
+                "optimizer_state_bytes"]
+REGROUP_KEYS = ["regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"]
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +47,18 @@ def test_run_directory_contract(tmp_path, cache_dir):
     assert math.isfinite(on_disk["final_val_ppl"]) and on_disk["best_val_ppl"] <= on_disk["final_val_ppl"]
     assert on_disk["peak_memory_bytes"] >= on_disk["avg_memory_bytes"] > 0
     decisions = rows(out, "decision")
-    assert [d["step"] for d in decisions] == [4, 8, 12, 16, 20, 24]
+    # Every k steps, but none at the last step: its copies would never be trained.
+    assert [d["step"] for d in decisions] == [4, 8, 12, 16, 20]
     assert on_disk["final_state"] == decisions[-1]["state"]
+    regrouped = [d for d in decisions if d["structure_changed"]]
+    assert regrouped and all(all(k in d for k in REGROUP_KEYS) for d in regrouped)
+    assert on_disk["regroups"] == len(regrouped) and on_disk["regroup_over_step"] > 0
+    assert len(on_disk["rank_param_checksums"]) == 1
+    config = json.loads((out / "config.json").read_text())
+    for key in ("deepspeed", "deepspeed_config", "precision", "activation_checkpointing", "adam_beta1",
+                "adam_beta2", "adam_eps", "local_rank", "dist_timeout_s"):
+        assert key in config, key
+    assert config["precision"] == "fp32" and config["deepspeed"] is None
     assert on_disk["mean_trainable_params"] < on_disk["conventional_trainable_params"]
     assert len(rows(out, "train")) == 24 and len(rows(out, "eval")) == 3
     assert os.listdir(out / "tensorboard")

@@ -8,27 +8,31 @@ import json
 import math
 import os
 import weakref
-from functools import partial
-
 import pytest
 import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from megatie.cli import build_parser, config_from_args, init_deepspeed_distributed, run_main, train_main  # noqa: E402
+from megatie.cli import build_parser, config_from_args, run_main, train_main  # noqa: E402
+from megatie.distributed import init_deepspeed_distributed  # noqa: E402
+from megatie.engines.ds_config import load_ds_config  # noqa: E402
 from megatie.errors import CheckpointError, ConfigError  # noqa: E402
 from megatie.tying import count_parameters  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
-from megatie.zero import DeepSpeedEngine, load_ds_config  # noqa: E402
+from mixed_reference import MixedPrecisionReference  # noqa: E402
 from zero_helper import base_args, record_losses, write_reference_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": False}}
 
 
+SYNC = None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def dist():
-    init_deepspeed_distributed()
+    global SYNC
+    SYNC = init_deepspeed_distributed()
     yield
 
 
@@ -39,10 +43,8 @@ def reference(tmp_path_factory):
 
 def _trainer(args, ds_config=None, activation_checkpointing=False):
     cfg = config_from_args(build_parser().parse_args(args))
-    if ds_config is None:
-        return Trainer(cfg)
-    return Trainer(cfg, engine_factory=partial(DeepSpeedEngine, ds_config=ds_config,
-                                               activation_checkpointing=activation_checkpointing))
+    cfg.deepspeed_config, cfg.activation_checkpointing = ds_config, activation_checkpointing
+    return Trainer(cfg, sync=SYNC if ds_config is not None else None)
 
 
 def _run(args, ds_config=None, **kw):
@@ -82,35 +84,33 @@ def test_zero2_fp32_matches_torch_reference(tmp_path, reference, torch_reference
 
 def test_dropping_carried_state_is_detected(tmp_path, reference, torch_reference, monkeypatch):
     """The equivalence test must fail when the regroup loses state: prove it does."""
-    import megatie.zero as zero
+    import megatie.engines.deepspeed_engine as engine
 
-    monkeypatch.setattr(zero, "restore_carry", lambda *a, **k: None)
+    monkeypatch.setattr(engine, "carry_in", lambda *a, **k: 0)
     _, losses = _run(base_args(str(tmp_path), reference), ZERO2)
     assert _rel(losses, torch_reference) > 1e-4
 
 
 def test_misassigned_state_is_detected(tmp_path, reference, torch_reference, monkeypatch):
-    """Untied blocks taking their *own* (stale) state instead of their source's must be caught."""
-    import megatie.zero as zero
+    """Untied blocks taking another tensor's state instead of their source's must be caught."""
+    import megatie.engines.deepspeed_engine as engine
 
-    real = zero.gather_carry
+    real = engine.carry_out
 
-    def swapped(opt, wanted, *a):
-        carry = real(opt, wanted, *a)
-        keys = [k for k in carry if carry[k].moments is not None]
-        if len(keys) >= 2:  # rotate the moments of same-shaped tensors
-            by_shape = {}
-            for k in keys:
-                by_shape.setdefault(carry[k].master.shape, []).append(k)
-            for ks in by_shape.values():
-                if len(ks) >= 2:
-                    first = carry[ks[0]].moments
-                    for x, y in zip(ks, ks[1:]):
-                        carry[x].moments = carry[y].moments
-                    carry[ks[-1]].moments = first
-        return carry
+    def rotated(*args, **kwargs):
+        carried = real(*args, **kwargs)
+        by_shape = {}
+        for key, (lo, data) in carried.pieces.items():
+            by_shape.setdefault((lo, tuple(data.shape)), []).append(key)
+        for keys in by_shape.values():  # rotate the carried state of same-shaped tensors
+            if len(keys) >= 2:
+                first = carried.pieces[keys[0]]
+                for x, y in zip(keys, keys[1:]):
+                    carried.pieces[x] = carried.pieces[y]
+                carried.pieces[keys[-1]] = first
+        return carried
 
-    monkeypatch.setattr(zero, "gather_carry", swapped)
+    monkeypatch.setattr(engine, "carry_out", rotated)
     _, losses = _run(base_args(str(tmp_path), reference), ZERO2)
     assert _rel(losses, torch_reference) > 1e-4
 
@@ -134,18 +134,93 @@ def test_activation_checkpointing_with_tied_blocks_zero2(tmp_path, reference, to
     assert _rel(losses, torch_reference_40) <= 1e-5
 
 
-@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp16", 2)])
-def test_low_precision_trains_through_regroups(tmp_path, reference, torch_reference_40, precision, stage):
+# --------------------------------------------------------------------------- mixed precision
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_SCALE = {"bf16": 1.0, "fp16": 256.0}
+
+
+def _skip_without(precision):
+    from deepspeed.accelerator import get_accelerator
+
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no fp16 (its CPU accelerator needs oneDNN fp16 support)")
+
+
+def _mixed_args(out, reference):
+    # No clipping: DeepSpeed clips the global norm with its own formula; without it, its ZeRO-1/2
+    # arithmetic on one rank is the oracle's, element for element.
+    return base_args(out, reference, steps=40, every=10) + ["--grad-clip", "0", "--no-checkpoints"]
+
+
+def _mixed_config(precision, stage):
     config = {"zero_optimization": {"stage": stage}, precision: {"enabled": True}}
     if precision == "fp16":
-        config[precision].update({"initial_scale_power": 8, "loss_scale_window": 5})
-    trainer, losses = _run(base_args(str(tmp_path), reference, steps=40, every=10), config)
+        config["fp16"]["loss_scale"] = LOSS_SCALE["fp16"]  # static: the oracle does not model dynamic scaling
+    return config
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(tmp_path_factory, reference):
+    """The oracle's losses over the same replayed schedule, per precision (computed once each)."""
+    cache = {}
+
+    def losses(precision):
+        if precision not in cache:
+            trainer = _trainer(_mixed_args(str(tmp_path_factory.mktemp(precision)), reference))
+            trainer.engine = MixedPrecisionReference(trainer.model, trainer.cfg, DTYPES[precision], LOSS_SCALE[precision])
+            cache[precision] = record_losses(trainer)
+            trainer.train()
+        return cache[precision]
+
+    return losses
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 2), ("fp16", 1), ("fp16", 2)])
+def test_mixed_precision_regroups_equal_the_reference(tmp_path, reference, mixed_reference, precision, stage):
+    """bf16/fp16 ZeRO-1/2 through three regroups (unties, ties, frozen blocks starting) give the
+    oracle's losses bit for bit: fp32 masters, moments and step counts all carried."""
+    _skip_without(precision)
+    trainer, losses = _run(_mixed_args(str(tmp_path), reference), _mixed_config(precision, stage))
     assert trainer.engine.regroups >= 3
-    assert all(math.isfinite(x) for x in losses)
-    assert next(trainer.model.parameters()).dtype == getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])
-    # Low precision follows the fp32 trajectory closely, and learns.
-    assert abs(losses[-1] - torch_reference_40[-1]) / torch_reference_40[-1] < 0.05
-    assert losses[-1] < losses[0]
+    assert next(trainer.model.parameters()).dtype == DTYPES[precision]
+    assert losses == mixed_reference(precision)
+
+
+@pytest.mark.parametrize("mutation", ["moments dropped", "masters rebuilt from bf16 weights"])
+def test_mixed_precision_comparison_catches_lost_state(tmp_path, reference, mixed_reference, monkeypatch, mutation):
+    """The comparison above must fail when a regroup loses the carried moments, or leaves the fp32
+    masters as DeepSpeed rebuilds them from the (rounded) bf16 weights."""
+    import megatie.engines.zero_state as zero_state
+
+    real = zero_state._new_state
+
+    def lossy(inner, views, carried):
+        targets = real(inner, views, carried)
+        if mutation == "moments dropped":
+            for view in views:
+                inner.state.pop(view.master, None)
+            return [t[:1] + [torch.empty_like(m) for m in t[1:]] for t in targets]
+        return [[torch.empty_like(t[0])] + t[1:] for t in targets]
+
+    monkeypatch.setattr(zero_state, "_new_state", lossy)
+    _, losses = _run(_mixed_args(str(tmp_path), reference), _mixed_config("bf16", 2))
+    assert _rel(losses, mixed_reference("bf16")) > 1e-5
+
+
+def test_fp16_loss_scaler_survives_a_regroup(tmp_path, reference):
+    """Dynamic loss scaling: the scale and its window counters carry over the rebuilt optimizer."""
+    _skip_without("fp16")
+    config = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "initial_scale_power": 8,
+                                                          "loss_scale_window": 3}}
+    trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), config)
+    engine = trainer.engine
+    for _ in range(5):
+        engine.train_step([next(trainer.loader)])
+    before = {k: v for k, v in vars(engine.optimizer.loss_scaler).items() if isinstance(v, (int, float, bool))}
+    assert before["cur_scale"] != 2.0 ** 8  # the window moved the scale
+    engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))
+    after = {k: v for k, v in vars(engine.optimizer.loss_scaler).items() if isinstance(v, (int, float, bool))}
+    assert after == before
 
 
 # --------------------------------------------------------------------------- no leaks
@@ -163,23 +238,41 @@ def _live_tensor_bytes() -> int:
     return total
 
 
-def test_no_leaks_after_many_regroups(tmp_path, reference):
-    trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), ZERO2)
+# Bytes per trainable element: weights, fp32 master, two moments (4 + 4 + 8), gradient buffers; with
+# CPU offload also the fp32 gradient partition and a copy of the weights on the host.
+@pytest.mark.parametrize("config,max_bytes", [
+    (ZERO2, 20), ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}, 20),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 25),
+    ({"zero_optimization": {"stage": 0}}, 20)], ids=["zero2", "zero1-bf16", "zero2-offload", "zero0"])
+def test_no_leaks_after_many_regroups(tmp_path, reference, config, max_bytes):
+    trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), config)
     engine = trainer.engine
-    refs, samples = [], []
+    deepspeed_engine = engine.engine
+    samples = []
     batches = [next(trainer.loader)]
     states = [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]] * 4 + [[0, 1, 1, 3, 3, 5], [0, 0, 0, 0, 0, 0]]
     engine.train_step(batches)
-    for state in states:
-        refs += [weakref.ref(engine.engine), weakref.ref(engine.optimizer), weakref.ref(engine.basic_optimizer)]
-        engine.regroup(trainer.tying.apply(state))
-        engine.train_step(batches)  # every group has Adam state after a step
-        gc.collect()
-        trainable = count_parameters(trainer.model)[0]
-        samples.append((trainable, _live_tensor_bytes(), engine.live_state_bytes()))
-        assert set(engine.grad_hook_counts().values()) == {1}
-        assert sum(1 for _ in trainer.model._forward_pre_hooks.values()) <= 2
-    assert all(r() is None for r in refs), "an old engine or optimizer is still alive"
+    gc.disable()  # what a regroup frees must go at once, not at the next cyclic collection
+    try:
+        for state in states:
+            old = [engine.optimizer, engine.basic_optimizer,
+                   *getattr(engine.optimizer, "single_partition_of_fp32_groups", []),  # stage 0: the weights
+                   *[m for st in engine.basic_optimizer.state.values() for m in st.values() if m.dim() > 0]]
+            refs = [weakref.ref(obj) for obj in old]
+            del old
+            engine.regroup(trainer.tying.apply(state))
+            assert all(r() is None for r in refs[2:]), "an old fp32 partition or moment outlived its regroup"
+            engine.train_step(batches)  # every group has Adam state after a step
+            samples.append((count_parameters(trainer.model)[0], _live_tensor_bytes(), engine.live_state_bytes()))
+    finally:
+        gc.enable()
+    gc.collect()
+    assert all(r() is None for r in refs), "an old optimizer is still alive"
+    # The DeepSpeed engine itself is kept across regroups (no re-initialisation, no broadcast).
+    assert engine.engine is deepspeed_engine
+    hooks = set(engine.grad_hook_counts().values())  # one ZeRO hook per tensor (none at stage 0), never more
+    assert hooks == ({0} if config == {"zero_optimization": {"stage": 0}} else {1})
+    assert sum(1 for _ in trainer.model._forward_pre_hooks.values()) <= 2
     assert engine.regroups == len(states)
     # Optimizer-owned bytes are exactly fp32 master + two moments per unique trainable element.
     trainable = count_parameters(trainer.model)[0]
@@ -194,7 +287,7 @@ def test_no_leaks_after_many_regroups(tmp_path, reference):
     t_untied = [t for (t, _, _), s in zip(samples, states) if s == [0, 1, 2, 3, 4, 5]][0]
     t_tied = [t for (t, _, _), s in zip(samples, states) if s == [0, 0, 0, 0, 0, 0]][0]
     per_element = (untied[0] - tied[0]) / (t_untied - t_tied)
-    assert 6 <= per_element <= 20, per_element  # weights + master + moments (+ grad buffers), no more
+    assert 6 <= per_element <= max_bytes, per_element
 
 
 def test_unchanged_decision_rebuilds_nothing(tmp_path, reference):
@@ -291,4 +384,12 @@ def test_cli_single_process_deepspeed_run(tmp_path):
                           "--batch-size", "2", "--vocab-size", "512", "--tie-every", "3", "--eval-batches", "1",
                           "--no-progress", "--tie-policy", "qlearning"])
     assert summary["steps"] == 6 and os.path.isfile(os.path.join(out, "summary.json"))
+    # One source of truth: the DeepSpeed config, its content and what it selects are in config.json.
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["deepspeed"].endswith("zero2.json") and config["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    assert config["precision"] == "fp32" and config["activation_checkpointing"] is False
+    assert summary["regroups"] >= 1 and summary["regroup_over_step"] > 0 and len(summary["rank_param_checksums"]) == 1
+    decisions = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"decision"' in line]
+    assert all(k in d for d in decisions if d["structure_changed"]
+               for k in ("regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"))
     init_deepspeed_distributed()  # the CLI tore the process group down; later tests need one

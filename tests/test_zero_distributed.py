@@ -1,8 +1,10 @@
 """DeepSpeed engine on 2 CPU ranks (gloo): the same loss trajectory as the torch reference that
-sees the same global batch, ranks agree on the weights, one gradient hook per tensor, resume.
+sees the same global batch, ranks agree on the weights, one gradient hook per tensor, resume; one
+decision for every rank whatever each measures or draws; a disagreement is one clear error.
 
 Each rank is a separate process started the way DeepSpeed's launcher starts it (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT); one test goes through ``deepspeed --num_gpus 2`` itself.
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT) on DeepSpeed's CPU accelerator - also where GPUs exist, so
+that two ranks never need two devices; one test goes through ``deepspeed --num_gpus 2`` itself.
 """
 
 from __future__ import annotations
@@ -35,33 +37,43 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _env(out: str) -> dict:
+def _env(out: str, **extra) -> dict:
     env = dict(os.environ, MEGATIE_TEST_OUT=out, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
 
 
-def _spawn(args: list[str], out: str, timeout: int = 300) -> list[dict]:
-    """Run the helper on WORLD ranks; return each rank's result."""
-    env, port = _env(out), _port()
+def _start(args: list[str], out: str, **extra) -> list[subprocess.Popen]:
+    env, port = _env(out, **extra), _port()
     procs = []
     for r in range(WORLD):
         e = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, HELPER, *args], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout: int) -> list[tuple[int, str, str]]:
+    """``(returncode, stdout, stderr)`` per rank; ranks still running after ``timeout`` are killed."""
+    out = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append((p.returncode, stdout, stderr))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    return out
+
+
+def _spawn(args: list[str], out: str, timeout: int = 300, **extra) -> list[dict]:
+    """Run the helper on WORLD ranks; return each rank's result."""
+    for code, stdout, stderr in _finish(_start(args, out, **extra), timeout):
+        assert code == 0, (stdout + stderr)[-3000:]
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(WORLD)]
 
 
@@ -135,3 +147,54 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 8 and summary["world_size"] == WORLD and summary["decisions"] == 2
+
+
+# --------------------------------------------------------------------------- one decision for every rank
+def _qlearning_args(out: str) -> list[str]:
+    return ["--out-dir", out, "--max-steps", "16", "--n-layer", "6", "--n-embd", "32", "--n-head", "2",
+            "--seq-len", "16", "--batch-size", "2", "--vocab-size", "512", "--tie-policy", "qlearning",
+            "--tie-every", "5", "--eval-every", "100000", "--eval-batches", "1", "--no-checkpoints",
+            "--no-progress", "--seed", "7", "--deepspeed", ZERO2, "--dist-timeout-s", "120"]
+
+
+def test_ranks_follow_one_decision_despite_own_seed_and_reward(tmp_path):
+    """Rank 1 starts from another seed (its own agent, exploration draws, data order), its agent
+    drifts after start-up, and it measures a reward 5.0 higher: every rank still applies rank 0's
+    decisions, records the same averaged reward, and ends with the same weights; the regroup's
+    carried state stays sharded."""
+    r0, r1 = _spawn(_qlearning_args(str(tmp_path / "run")), str(tmp_path / "res"),
+                    MEGATIE_TEST_RANK1_ARGS="--seed 99", MEGATIE_TEST_RANK1_REWARD_OFFSET="5.0",
+                    MEGATIE_TEST_RANK1_DRIFT_AGENT="1")
+    d0, d1 = r0["decisions"], r1["decisions"]
+    assert [d["step"] for d in d0] == [5, 10, 15]
+    assert [d["state"] for d in d0] == [d["state"] for d in d1]
+    assert [d["reward"] for d in d0] == [d["reward"] for d in d1]
+    assert r0["hash"] == r1["hash"]
+    checksums = r0["summary"]["rank_param_checksums"]
+    assert len(checksums) == WORLD and len(set(checksums)) == 1
+    regrouped = [d for d in d0 if "regroup_seconds" in d]
+    assert regrouped and all(d["regroup_transient_bytes"] <= 0.6 * d["optimizer_state_bytes"] for d in regrouped)
+
+
+def _fails_on_every_rank(tmp_path, **fault) -> str:
+    procs = _start(_qlearning_args(str(tmp_path / "run")), str(tmp_path / "res"), **fault)
+    results = _finish(procs, timeout=180)
+    errors = []
+    for code, _, stderr in results:
+        assert code == 2, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        errors.append(lines[0])
+    assert errors[0] == errors[1]
+    return errors[0]
+
+
+def test_a_rank_that_decides_alone_is_one_clear_error(tmp_path):
+    error = _fails_on_every_rank(tmp_path, MEGATIE_TEST_RANK1_OWN_DECISION="1")
+    assert "ranks disagree on the tie state of decision 0" in error
+    assert "rank 0: [0, " in error and "rank 1: [0, 1, 2, 3, 4, 5]" in error
+
+
+def test_ranks_with_different_weights_are_one_clear_error(tmp_path):
+    error = _fails_on_every_rank(tmp_path, MEGATIE_TEST_RANK1_NUDGE_WEIGHT="1")
+    assert "ranks disagree on the weights after decision 0 (parameter checksum)" in error

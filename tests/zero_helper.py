@@ -2,8 +2,17 @@
 
 As a script it is one rank of a DeepSpeed run (started by ``deepspeed --num_gpus N`` or by the
 test with RANK/WORLD_SIZE set): it takes the launcher's flags, trains, and writes
-``$MEGATIE_TEST_OUT/rank<R>.json`` with the per-step losses, a hash of the final weights and the
-gradient-hook count of every trainable tensor.
+``$MEGATIE_TEST_OUT/rank<R>.json`` with the per-step losses, a hash of the final weights, the
+gradient-hook count of every trainable tensor and the decision records. A run that ends with a
+user-facing error prints one ``error:`` line and exits with status 2, as the launcher does.
+
+Faults for the rank-agreement tests, injected on rank 1 only (environment variables):
+- ``MEGATIE_TEST_RANK1_ARGS``: extra flags for rank 1 (e.g. ``--seed 99``);
+- ``MEGATIE_TEST_RANK1_REWARD_OFFSET``: added to every reward loss rank 1 measures;
+- ``MEGATIE_TEST_RANK1_DRIFT_AGENT``: rank 1's agent drifts after start-up (its Q network and
+  exploration generator change), as non-deterministic kernels or other hardware would make it;
+- ``MEGATIE_TEST_RANK1_OWN_DECISION``: rank 1 ignores rank 0's first proposal and applies its own;
+- ``MEGATIE_TEST_RANK1_NUDGE_WEIGHT``: rank 1 nudges one weight just before the first regroup.
 """
 
 from __future__ import annotations
@@ -70,33 +79,74 @@ def record_losses(trainer) -> list[float]:
     return losses
 
 
-def main(argv=None) -> None:
-    from functools import partial
+def _inject_rank1_faults(trainer) -> None:
+    import torch
 
-    import torch.distributed as tdist
+    controller = trainer.controller
+    offset = float(os.environ.get("MEGATIE_TEST_RANK1_REWARD_OFFSET", 0))
+    if offset:
+        measure = controller.reward_loss
+        controller.reward_loss = lambda: measure() + offset
+    agent = getattr(controller.policy, "agent", None)
+    if os.environ.get("MEGATIE_TEST_RANK1_DRIFT_AGENT") and agent is not None:
+        agent.generator.manual_seed(12345)
+        with torch.no_grad():
+            for p in agent.qnet.parameters():
+                p.add_(torch.randn_like(p))
+    if os.environ.get("MEGATIE_TEST_RANK1_OWN_DECISION"):
+        broadcast = controller.sync.broadcast
 
-    from megatie.cli import build_parser, config_from_args, init_deepspeed_distributed
+        def own_decision(obj):
+            proposal, delayed, policy = broadcast(obj)
+            if proposal is not None and not controller.history:
+                proposal.state = list(range(len(proposal.state)))  # every block independent
+            return proposal, delayed, policy
+
+        controller.sync.broadcast = own_decision
+    if os.environ.get("MEGATIE_TEST_RANK1_NUDGE_WEIGHT"):
+        regroup = controller.regroup
+
+        def nudged(plan):
+            if not controller.history:
+                with torch.no_grad():
+                    trainer.model.transformer.wte.weight[0, 0] += 0.5
+            return regroup(plan)
+
+        controller.regroup = nudged
+
+
+def run(argv) -> None:
+    from megatie.cli import build_parser, config_from_args
+    from megatie.distributed import init_deepspeed_distributed, shutdown_distributed
     from megatie.trainer import Trainer
-    from megatie.zero import DeepSpeedEngine
 
-    args = build_parser().parse_args(argv)
-    rank, world, device = init_deepspeed_distributed(args.local_rank)
-    trainer = Trainer(config_from_args(args), rank=rank, world_size=world, barrier=tdist.barrier,
-                      engine_factory=partial(DeepSpeedEngine, ds_config=args.deepspeed,
-                                             activation_checkpointing=args.activation_checkpointing),
-                      device=device)
-    losses = record_losses(trainer)
-    summary = trainer.train()
-    result = {"rank": rank, "world_size": world, "losses": losses, "hash": weights_hash(trainer.model),
-              "hooks": trainer.engine.grad_hook_counts(), "regroups": trainer.engine.regroups,
-              "steps": summary["steps"], "final_state": summary["final_state"]}
-    out = os.environ.get("MEGATIE_TEST_OUT", args.out_dir)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    tdist.destroy_process_group()
+    if os.environ.get("MEGATIE_TEST_DETERMINISTIC"):
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    if os.environ.get("RANK") == "1":
+        argv = argv + os.environ.get("MEGATIE_TEST_RANK1_ARGS", "").split()
+    cfg = config_from_args(build_parser().parse_args(argv))
+    sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
+    try:
+        trainer = Trainer(cfg, sync=sync)
+        if sync.rank == 1:
+            _inject_rank1_faults(trainer)
+        losses = record_losses(trainer)
+        summary = trainer.train()
+        result = {"rank": sync.rank, "world_size": sync.world_size, "losses": losses,
+                  "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
+                  "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "summary": summary}
+        out = os.environ.get("MEGATIE_TEST_OUT", cfg.out_dir)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{sync.rank}.json"), "w") as f:
+            json.dump(result, f, default=str)
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    main(sys.argv[1:])
+    from megatie.cli import run_main
+
+    sys.exit(run_main(run, sys.argv[1:]))

@@ -1,0 +1,314 @@
+"""DeepSpeed ZeRO (stages 0-2) engine that follows the tie groups.
+
+DeepSpeed fixes the set of trainable tensors when its optimizer is built: flat buffers, partitions
+and gradient hooks are made once, and later changes to ``requires_grad`` or to parameter aliasing
+are silently ignored or leak. So at every decision that changes the tie groups - at a
+gradient-accumulation boundary, identically on every rank - ``regroup``:
+
+1. sends each rank's own slices of the state that lives on to an even split of the new groups
+   (``zero_state.carry_out``: about 1/W of the carried state per rank, never the whole);
+2. releases the ZeRO optimizer, its hooks and every tensor it owns *now*, by dropping its
+   references (its reference cycles would otherwise wait for a full garbage collection);
+3. builds a new torch AdamW and ZeRO optimizer over the new unique trainable tensors **on the same
+   DeepSpeed engine**: the module stays where it is, nothing is broadcast, communication groups,
+   module hooks, step counters and the checkpoint engine are kept, and DeepSpeed's per-group cache
+   flushes are suppressed for the rebuild;
+4. sends the carried slices point to point to their new owners (``zero_state.carry_in``);
+5. restores the LR schedule and the fp16 loss scaler.
+
+Adam's bias correction uses a step count per *param group* of a flat ZeRO buffer, while tensors
+born at different times have different counts (a block that starts training at the first decision
+begins at step 0). Parameters are therefore grouped by (weight decay, step count); with the AdamW
+math of ``megatie.optim`` (``foreach=False``) the result equals the plain torch reference.
+
+The rebuild calls DeepSpeed's ``DeepSpeedEngine._configure_optimizer`` / ``_configure_lr_scheduler``
+(private; setup.py pins DeepSpeed 0.19.x and tests/test_zero.py fails loudly if they change).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as tdist
+
+from megatie.checkpoint import replace_dir, seal_checkpoint_dir, unique_state_dict
+from megatie.distributed import RankSync
+from megatie.engines.ds_config import engine_config, zero_stage_of
+from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, inner_optimizer,
+                                        state_bytes)
+from megatie.errors import CheckpointError, ConfigError
+from megatie.optim import build_adamw, decay_group, lr_factor, lr_scheduler
+from megatie.tying import unique_parameters
+
+# What DeepSpeed's ZeRO-1/2 and bf16 optimizers attach to the parameters they manage; ``_hp_mapping``
+# holds the old optimizer's fp32 partition and state, so it must go with the optimizer.
+_DS_PARAM_ATTRS = ("_hp_mapping", "grad_accum", "param_idx_in_group", "_index_in_param_group", "_dp_group",
+                   "get_full_hp_param", "get_full_hp_grad", "set_full_hp_param", "set_full_hp_grad",
+                   "load_hp_checkpoint_state")
+
+
+@contextmanager
+def rebuild_quietly():
+    """While megatie rebuilds the optimizer: DeepSpeed's ZeRO-1/2 constructor empties the CUDA cache
+    (and resets the peak-memory counters) once per param group, and the bf16 optimizer runs a full
+    ``gc.collect()`` and prints a memory report per group. Right once at start-up, wasted at every
+    regroup: the allocator would return and re-request every cached block."""
+    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
+    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+
+    saved = (stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage)
+    stage_1_and_2.empty_cache = lambda: None
+    bf16_optimizer.see_memory_usage = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage = saved
+
+
+class DeepSpeedEngine:
+    """Trainer engine (the interface of ``TorchEngine``) on DeepSpeed ZeRO stages 0-2."""
+
+    def __init__(self, model, cfg, device: torch.device, sync: RankSync, observer=None):
+        if not tdist.is_initialized():
+            raise ConfigError("the DeepSpeed engine needs an initialised process group "
+                              "(megatie.distributed.init_deepspeed_distributed)")
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.model, self.cfg, self.device, self.sync, self.observer = model, cfg, device, sync, observer
+        self.rank, self.world_size = tdist.get_rank(), tdist.get_world_size()
+        self.stage, self.precision = zero_stage_of(cfg.deepspeed_config), cfg.precision
+        self.comm_device = torch.device(get_accelerator().current_device_name())
+        self.regroups = 0
+        groups = self._groups({})
+        optimizer, scheduler = self._optimizer_for(groups)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=engine_config(cfg.deepspeed_config, cfg, self.world_size), dist_init_required=False)
+        self.basic_optimizer = optimizer
+        self._record_layout(groups)
+
+    # ------------------------------------------------------------------ building
+    def _groups(self, steps: dict[int, int]) -> list[tuple[int, list]]:
+        """Trainable tensors grouped by (decay group, Adam step), in model order."""
+        groups: dict[tuple[int, int], list] = {}
+        for p in unique_parameters(self.model, trainable_only=True):
+            groups.setdefault((decay_group(p), steps.get(id(p), 0)), []).append(p)
+        return [(decay, params) for (decay, _), params in groups.items()]
+
+    def _optimizer_for(self, groups):
+        cfg = self.cfg
+        optimizer = build_adamw([{"params": params, "weight_decay": cfg.weight_decay if decay == 0 else 0.0}
+                                 for decay, params in groups], cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+        return optimizer, lr_scheduler(optimizer, cfg)
+
+    def _record_layout(self, groups) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.layout = [{"decay": decay, "params": [names[id(p)] for p in params]} for decay, params in groups]
+
+    def _release_optimizer(self) -> None:
+        """Drop the optimizer, its hooks and every tensor it owns, at once. Some configurations leave
+        reference cycles (with CPU offload the old optimizer outlived its regroup until a full
+        garbage collection - slow with a large heap - in tests/test_zero.py), so the objects'
+        attributes are cleared: their tensors go whatever refers to the objects."""
+        old, inner, scheduler = self.optimizer, self.basic_optimizer, self.scheduler
+        if hasattr(old, "destroy"):
+            old.destroy()
+        for p in self.model.parameters():
+            p.grad = None
+            for attr in _DS_PARAM_ATTRS:
+                p.__dict__.pop(attr, None)
+        inner.state.clear()
+        for obj in {id(o): o for o in (old, inner, scheduler)}.values():
+            obj.__dict__.clear()
+        e = self.engine
+        e.optimizer = e.basic_optimizer = e.lr_scheduler = e.client_optimizer = e.client_lr_scheduler = None
+        self.optimizer = self.basic_optimizer = self.scheduler = None
+
+    def _rebuild_optimizer(self, groups) -> None:
+        """A new AdamW + ZeRO optimizer over ``groups`` on the existing DeepSpeed engine."""
+        e = self.engine
+        optimizer, scheduler = self._optimizer_for(groups)
+        e.param_names = {p: n for n, p in self.model.named_parameters()}  # new tensors need their names
+        with rebuild_quietly():
+            e._configure_optimizer(optimizer, [p for _, params in groups for p in params])
+        e.client_optimizer, e.client_lr_scheduler = optimizer, scheduler
+        e._configure_lr_scheduler()
+        if getattr(e, "_support_torch_style_backward", False):
+            e.optimizer.register_grad_acc_post_hook(e._backward_post_hook)
+        self.optimizer, self.basic_optimizer, self.scheduler = e.optimizer, optimizer, e.lr_scheduler
+        self._record_layout(groups)
+
+    def _schedule_state(self) -> dict:
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        return {"last_epoch": self.scheduler.last_epoch, "step_count": self.scheduler._step_count,
+                "loss_scaler": dict(scaler.__dict__) if scaler is not None else None}
+
+    def _restore_schedule(self, saved: dict) -> None:
+        self.scheduler.last_epoch = saved["last_epoch"]
+        self.scheduler._step_count = saved["step_count"]
+        # The same expression LambdaLR evaluates, so the lr is bit-identical to an unbroken run.
+        for group in self.basic_optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(saved["last_epoch"], self.cfg)
+        self.scheduler._last_lr = [g["lr"] for g in self.basic_optimizer.param_groups]
+        if saved["loss_scaler"] is not None and hasattr(self.optimizer, "loss_scaler"):
+            self.optimizer.loss_scaler.__dict__.update(saved["loss_scaler"])
+
+    # ------------------------------------------------------------------ the engine interface
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        self.engine.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.comm_device)
+        for batch in micro_batches:
+            batch = batch.to(self.device, non_blocking=True)
+            loss = self.engine(input_ids=batch, labels=batch).loss
+            self.engine.backward(loss)
+            if self.observer is not None:
+                self.observer.after_backward(self)
+            self.engine.step()
+            total += loss.detach().to(total) / len(micro_batches)
+        if self.world_size > 1:  # every rank reports the global mean (equal token counts per rank)
+            tdist.all_reduce(total)
+            total /= self.world_size
+        return float(total)
+
+    def regroup(self, plan) -> dict:
+        """Follow ``plan`` (a ``RegroupPlan``); returns what the run records about it ({} if nothing changed)."""
+        if not plan.changes_parameters:
+            return {}
+        if self.engine.micro_steps % self.cfg.grad_accum:
+            raise RuntimeError("regroup must happen at a gradient-accumulation boundary")
+        t0 = time.perf_counter()
+        created = {id(p): src for p, src in plan.created}
+        wanted, source_of = {}, {}
+        for p in unique_parameters(self.model, trainable_only=True):
+            src = created[id(p)] if id(p) in created else p
+            if src is not None:
+                wanted[id(src)] = src
+                source_of[id(p)] = id(src)
+        sources = describe_sources(self.optimizer, list(wanted.values()), self.rank, self.world_size)
+        source_of = {pid: sid for pid, sid in source_of.items() if sid in sources}
+        groups = self._groups({pid: sources[sid].step for pid, sid in source_of.items()})
+        carried = carry_out(self.optimizer, sources, [params for _, params in groups], source_of,
+                            self.rank, self.world_size, self.comm_device)
+        del sources, wanted, created
+        schedule = self._schedule_state()
+        self._release_optimizer()
+        for p in plan.removed:  # nothing computes with it any more: free its storage now
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        del plan
+        self._rebuild_optimizer(groups)
+        if self.observer is not None:
+            self.observer.at_regroup_peak(self, carried)
+        staged = carry_in(self.optimizer, carried, self.rank, self.world_size, self.comm_device)
+        transient = carried.nbytes + max(carried.staging_bytes, staged)
+        del carried
+        self._restore_schedule(schedule)
+        self.regroups += 1
+        per_rank = self.sync.gather((time.perf_counter() - t0, transient, self.optimizer_state_bytes(local=True)))
+        return {"regroup_seconds": max(r[0] for r in per_rank),
+                "regroup_transient_bytes": max(r[1] for r in per_rank),
+                "optimizer_state_bytes": sum(r[2] for r in per_rank)}
+
+    def optimizer_state_bytes(self, local: bool = False) -> int:
+        """fp32 masters plus Adam moments, of this rank (``local``) or of all ranks (a collective)."""
+        mine = state_bytes(self.optimizer, self.rank)
+        return mine if local else int(self.sync.sum(mine))
+
+    @property
+    def lr(self) -> float:
+        return self.basic_optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """What megatie itself needs to rebuild the engine before DeepSpeed loads its checkpoint."""
+        return {"deepspeed": {"layout": self.layout, "world_size": self.world_size, "stage": self.stage,
+                              "precision": self.precision}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, root: str, name: str, trainer_state: dict) -> str:
+        """Write ``root/name`` through DeepSpeed on every rank, atomically as far as a directory
+        rename allows: DeepSpeed writes under a temporary tag; rank 0 adds megatie's files and
+        ``meta.json`` (sizes of every file, checked before loading), renames, then updates
+        ``latest`` last."""
+        os.makedirs(root, exist_ok=True)
+        tmp_tag = f".{name}.tmp"
+        tmp, final = os.path.join(root, tmp_tag), os.path.join(root, name)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tdist.barrier()
+        self.engine.save_checkpoint(root, tag=tmp_tag, client_state={"megatie": trainer_state}, save_latest=False)
+        tdist.barrier()
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            # Framework-free weights (each tied tensor once) and what the trainer restores first.
+            save_file(unique_state_dict(self.model), os.path.join(tmp, "model.safetensors"))
+            torch.save(self.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+            seal_checkpoint_dir(tmp, engine="deepspeed")
+            replace_dir(tmp, final)
+            self._write_latest(root, name)
+        tdist.barrier()
+        if self.rank != 0 and os.path.isdir(tmp):  # node-local storage: each node renames its own
+            replace_dir(tmp, final)
+        tdist.barrier()
+        return final
+
+    @staticmethod
+    def _write_latest(root: str, name: str) -> None:
+        tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, "latest"))
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Rebuild with the checkpoint's param-group layout, then let DeepSpeed load it."""
+        info = sd.get("deepspeed") if isinstance(sd, dict) else None
+        path = sd.get("checkpoint_dir") if isinstance(sd, dict) else None
+        if not info or not path:
+            raise CheckpointError("this checkpoint was not written by the DeepSpeed engine; "
+                                  "resume it without --deepspeed")
+        for key, mine in (("world_size", self.world_size), ("stage", self.stage), ("precision", self.precision)):
+            if info.get(key) != mine:
+                raise CheckpointError(f"checkpoint {path!r} was written with {key}={info.get(key)!r}, "
+                                      f"this run has {mine!r}; resume with the same DeepSpeed setup")
+        by_name = dict(self.model.named_parameters())
+        trainable = {id(p) for p in unique_parameters(self.model, trainable_only=True)}
+        try:
+            groups = [(g["decay"], [by_name[n] for n in g["params"]]) for g in info["layout"]]
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {path!r} names parameter {e} the model does not have") from None
+        listed = [id(p) for _, params in groups for p in params]
+        if sorted(listed) != sorted(trainable) or len(set(listed)) != len(listed):
+            raise CheckpointError(f"checkpoint {path!r}: its optimizer layout does not match the model's "
+                                  "trainable tensors")
+        self._release_optimizer()
+        self._rebuild_optimizer(groups)
+        root, tag = os.path.split(os.path.normpath(path))
+        try:
+            loaded, _ = self.engine.load_checkpoint(root, tag=tag, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as e:  # DeepSpeed raises assorted types for truncated or foreign files
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {path!r}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint at {path!r}")
+
+    # ------------------------------------------------------------------ inspection (tests, benchmarks)
+    def grad_hook_counts(self) -> dict[str, int]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+                for p in unique_parameters(self.model, trainable_only=True)}
+
+    def live_state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer-owned tensors this rank holds: fp32 masters and moments."""
+        master = sum(v.master.numel() * v.master.element_size() for v in flat_views(self.optimizer, self.rank))
+        inner = inner_optimizer(self.optimizer)
+        state = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return {"master_bytes": master, "optimizer_state_bytes": state}

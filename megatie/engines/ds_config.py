@@ -1,0 +1,99 @@
+"""DeepSpeed JSON configs: what megatie accepts, and what it adds from the run's own flags.
+
+A DeepSpeed config holds *engine* settings only (ZeRO stage, precision, buckets, offload). Batch
+geometry, learning rate, schedule and clipping come from megatie's flags, the one source of truth;
+a config that sets them is refused rather than silently overridden. Plain JSON: importing this module
+costs nothing, so a bad config fails before torch or DeepSpeed load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatie.errors import ConfigError
+
+# ds_config keys owned by megatie's flags.
+OWNED_KEYS = {
+    "train_batch_size": "--batch-size (micro-batch per rank) x --grad-accum x world size",
+    "train_micro_batch_size_per_gpu": "--batch-size (micro-batch per rank)",
+    "gradient_accumulation_steps": "--grad-accum",
+    "optimizer": "--lr / --weight-decay / --adam-beta1/2 / --adam-eps (megatie builds the AdamW the regroup needs)",
+    "scheduler": "--lr-schedule / --warmup-steps",
+    "gradient_clipping": "--grad-clip",
+}
+
+ZERO3_REFUSAL = (
+    "ZeRO stage 3 is not supported with layer tying: stage 3 partitions each parameter itself and "
+    "gathers it per module, and tied blocks share parameter objects across modules that ZeRO-3 "
+    "fetches and releases independently; rebuilt parameters lose their ds_id bookkeeping and "
+    "DeepSpeed's per-parameter state setters do not handle unpadded partitions. Use stage 1 or 2 "
+    "(ds_configs/zero2.json, zero2_offload.json for CPU-offloaded optimizer state)")
+
+
+def _read(source) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return json.loads(json.dumps(source)), "the DeepSpeed config"
+    where = f"DeepSpeed config {source!r}"
+    if not os.path.isfile(str(source)):
+        raise ConfigError(f"{where} does not exist")
+    try:
+        with open(source, encoding="utf-8") as f:
+            return json.load(f), where
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{where} is not valid JSON: {e}") from None
+
+
+def load_ds_config(source) -> dict:
+    """Read and check a DeepSpeed config (path or dict); raise ``ConfigError`` on anything wrong."""
+    user, where = _read(source)
+    if not isinstance(user, dict):
+        raise ConfigError(f"{where} must be a JSON object")
+    for key, flag in OWNED_KEYS.items():
+        if key in user:
+            raise ConfigError(f"{where} sets {key!r}; megatie takes it from {flag} - remove it from the config")
+    if "activation_checkpointing" in user:
+        raise ConfigError(f"{where} has an 'activation_checkpointing' section; use --activation-checkpointing "
+                          "(non-reentrant, works with tied blocks) instead")
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: 'zero_optimization' must be an object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}")
+    if stage == 3:
+        raise ConfigError(f"{where}: {ZERO3_REFUSAL}")
+    if "offload_param" in zero:
+        raise ConfigError(f"{where}: offload_param is a ZeRO-3 feature; use offload_optimizer with stage 1 or 2")
+    if "offload_optimizer" in zero and stage == 0:
+        raise ConfigError(f"{where}: offload_optimizer needs zero_optimization.stage 1 or 2")
+    enabled = [k for k in ("fp16", "bf16") if isinstance(user.get(k), dict) and user[k].get("enabled")]
+    if len(enabled) > 1:
+        raise ConfigError(f"{where} enables both fp16 and bf16; choose one")
+    return user
+
+
+def precision_of(user: dict) -> str:
+    for key in ("bf16", "fp16"):
+        if isinstance(user.get(key), dict) and user[key].get("enabled"):
+            return key
+    return "fp32"
+
+
+def zero_stage_of(user: dict) -> int:
+    return int(user.get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_config(user: dict, cfg, world_size: int) -> dict:
+    """The user's engine settings plus what megatie owns (batch geometry, clipping)."""
+    out = json.loads(json.dumps(user))
+    out["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    out["gradient_accumulation_steps"] = cfg.grad_accum
+    out["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world_size
+    # Always explicit: DeepSpeed's own default clips at 1.0, so --grad-clip 0 must say 0.0 to mean "off".
+    out["gradient_clipping"] = float(cfg.grad_clip)
+    # megatie passes torch's AdamW (the reference math) also with CPU offload.
+    out.setdefault("zero_force_ds_cpu_optimizer", False)
+    out.setdefault("zero_allow_untested_optimizer", True)
+    out.setdefault("steps_per_print", 10 ** 9)
+    return out

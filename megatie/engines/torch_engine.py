@@ -1,0 +1,73 @@
+"""One process, plain torch AdamW over the unique trainable tensors, regrouped at every decision.
+
+The reference: every other engine is tested against it step for step (``megatie.optim`` holds the
+regroup and the schedule it shares with them)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatie.checkpoint import save_checkpoint
+from megatie.errors import CheckpointError
+from megatie.optim import adamw_for, lr_scheduler, regroup_optimizer, state_bytes
+from megatie.tying import unique_parameters
+
+
+class TorchEngine:
+    def __init__(self, model, cfg, device: torch.device, observer=None):
+        self.model, self.cfg, self.device, self.observer = model, cfg, device, observer
+        self.optimizer = adamw_for(model, cfg)
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        self.regroups = 0
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = batch.to(self.device, non_blocking=True)
+            loss = self.model(input_ids=batch, labels=batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        if self.observer is not None:
+            self.observer.after_backward(self)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unique_parameters(self.model, trainable_only=True), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+    def regroup(self, plan) -> dict:
+        """Survivors keep their state, untied tensors take a copy of their source's; the copies become
+        the new state, so nothing is held beyond it (``regroup_transient_bytes`` 0)."""
+        if not plan.changes_parameters:
+            return {}
+        t0 = time.perf_counter()
+        regroup_optimizer(self.optimizer, self.model, plan)
+        self.regroups += 1
+        return {"regroup_seconds": time.perf_counter() - t0, "regroup_transient_bytes": 0,
+                "optimizer_state_bytes": self.optimizer_state_bytes()}
+
+    def optimizer_state_bytes(self) -> int:
+        """fp32 masters (here the trainable parameters themselves) plus Adam moments."""
+        masters = sum(p.numel() * 4 for p in unique_parameters(self.model, trainable_only=True))
+        return masters + state_bytes(self.optimizer.state)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+
+    def save_checkpoint(self, root: str, name: str, trainer_state: dict) -> str:
+        return save_checkpoint(root, name, self.model, self.state_dict(), trainer_state)

@@ -1,0 +1,12 @@
+"""Test-wide settings.
+
+DeepSpeed picks its accelerator once per process. The exactness tests compare DeepSpeed with plain
+torch references computed on the CPU, so DeepSpeed runs on its CPU accelerator (gloo) here even
+where CUDA exists; the ``gpu``-marked tests run their DeepSpeed side in child processes with
+``DS_ACCELERATOR=cuda`` and same-device references.
+"""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+

@@ -1,0 +1,46 @@
+"""The benchmarks as a user runs them: the GPU suite's plan, and a training benchmark that honours
+its settings for both rows and leaves nothing behind."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_suite_dry_run_lists_every_step_within_budget(tmp_path):
+    plan = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--dry-run", "--out",
+                        str(plan)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = json.loads(plan.read_text())["steps"]
+    names = [s["name"] for s in steps]
+    for required in ("gpu-tests", "copy-kernel", "memory-bf16-ac", "memory-bf16"):
+        assert required in names
+    assert all(isinstance(s["estimate_s"], int) and s["estimate_s"] > 0 for s in steps)
+    assert sum(s["estimate_s"] for s in steps if not s["optional"]) <= 540
+
+
+def _bench_dirs():
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("megatie-bench-")}
+
+
+def test_memory_benchmark_honours_checkpointing_and_leaves_nothing(tmp_path):
+    before = _bench_dirs()
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "memory.py"), "--n-layer", "3", "--n-embd", "32",
+           "--n-head", "2", "--seq-len", "16", "--batch-size", "2", "--vocab-size", "512", "--max-steps", "6",
+           "--tie-every", "2", "--activation-checkpointing", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["activation_checkpointing"] is True
+    for variant in ("conventional", "megatie"):
+        assert result[variant]["activation_checkpointing"] is True and result[variant]["steps"] == 6
+    assert result["megatie"]["regroups"] >= 1 and result["megatie"]["peak_tensor_bytes"] > 0
+    assert set(os.listdir(tmp_path)) == {"memory.json", "cache"}  # no run directory, no checkpoint
+    assert _bench_dirs() == before
