@@ -25,7 +25,7 @@ from torch import nn
 from megatie.errors import CheckpointError
 from megatie.metrics import write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trainer state holds one reward generator per rank
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

@@ -139,7 +139,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "loader": self.loader.state_dict(),
-                "reward_generator": self.reward_generator.get_state(), "torch_rng": torch.get_rng_state(),
+                # Collective: each rank draws reward batches from its own stream, so all are saved.
+                "reward_generators": self.sync.gather(self.reward_generator.get_state()),
+                "torch_rng": torch.get_rng_state(),
                 "stats": {k: (None if v is None else float(v)) for k, v in self.stats.items()},
                 "config": {k: getattr(self.cfg, k) for k in _STRUCTURAL}, "world_size": self.world_size}
 
@@ -162,7 +164,11 @@ class Trainer:
         load_model_tensors(self.model, tensors)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
-        self.reward_generator.set_state(state["reward_generator"])
+        generators = state["reward_generators"]
+        if len(generators) != self.world_size:
+            raise CheckpointError(f"checkpoint was written by {len(generators)} rank(s), this run has "
+                                  f"{self.world_size}; resume with the same number of ranks")
+        self.reward_generator.set_state(generators[self.rank])
         torch.set_rng_state(state["torch_rng"])
         self.stats.update(state["stats"])
 
