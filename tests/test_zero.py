@@ -175,12 +175,20 @@ def mixed_reference(tmp_path_factory, reference):
     return losses
 
 
-@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 2), ("fp16", 1), ("fp16", 2)])
-def test_mixed_precision_regroups_equal_the_reference(tmp_path, reference, mixed_reference, precision, stage):
+@pytest.mark.parametrize("precision,stage,optimizer", [
+    ("bf16", 1, "DeepSpeedZeroOptimizer"), ("bf16", 2, "DeepSpeedZeroOptimizer"), ("bf16", 1, "BF16_Optimizer"),
+    ("fp16", 1, "DeepSpeedZeroOptimizer"), ("fp16", 2, "DeepSpeedZeroOptimizer")])
+def test_mixed_precision_regroups_equal_the_reference(tmp_path, reference, mixed_reference, precision, stage,
+                                                      optimizer):
     """bf16/fp16 ZeRO-1/2 through three regroups (unties, ties, frozen blocks starting) give the
-    oracle's losses bit for bit: fp32 masters, moments and step counts all carried."""
+    oracle's losses bit for bit: fp32 masters, moments and step counts all carried. DeepSpeed's
+    separate bf16 optimizer (ZeRO-1 with fp32 gradient accumulation) included."""
     _skip_without(precision)
-    trainer, losses = _run(_mixed_args(str(tmp_path), reference), _mixed_config(precision, stage))
+    config = _mixed_config(precision, stage)
+    if optimizer == "BF16_Optimizer":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    trainer, losses = _run(_mixed_args(str(tmp_path), reference), config)
+    assert type(trainer.engine.optimizer).__name__ == optimizer
     assert trainer.engine.regroups >= 3
     assert next(trainer.model.parameters()).dtype == DTYPES[precision]
     assert losses == mixed_reference(precision)
