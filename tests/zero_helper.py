@@ -6,6 +6,7 @@ test with RANK/WORLD_SIZE set): it takes the launcher's flags, trains, and write
 gradient-hook count of every trainable tensor and the decision records. A run that ends with a
 user-facing error prints one ``error:`` line and exits with status 2, as the launcher does.
 
+``MEGATIE_TEST_WAVE_MESSAGES`` caps the messages of one point-to-point wave of a regroup.
 Faults for the rank-agreement tests, injected on rank 1 only (environment variables):
 - ``MEGATIE_TEST_RANK1_ARGS``: extra flags for rank 1 (e.g. ``--seed 99``);
 - ``MEGATIE_TEST_RANK1_REWARD_OFFSET``: added to every reward loss rank 1 measures;
@@ -124,6 +125,10 @@ def run(argv) -> None:
         import torch
 
         torch.use_deterministic_algorithms(True)
+    if os.environ.get("MEGATIE_TEST_WAVE_MESSAGES"):  # many small waves instead of one
+        import megatie.engines.zero_state as zero_state
+
+        zero_state.WAVE_MESSAGES = int(os.environ["MEGATIE_TEST_WAVE_MESSAGES"])
     if os.environ.get("RANK") == "1":
         argv = argv + os.environ.get("MEGATIE_TEST_RANK1_ARGS", "").split()
     cfg = config_from_args(build_parser().parse_args(argv))

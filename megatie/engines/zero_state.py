@@ -44,6 +44,7 @@ from megatie.kernels import multi_tensor_copy_
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 EVERY_RANK = -1  # holder/needer rank of an unpartitioned tensor: each rank has its own full copy
+WAVE_MESSAGES, WAVE_ELEMENTS = 256, 1 << 26  # one wave of point-to-point messages: at most this many / this big
 
 
 @dataclass
@@ -205,37 +206,35 @@ def _transfers(needs: list[tuple[int, int, int]], holders: list[tuple[int, int, 
                 yield src, dst, lo, hi
 
 
-def _run_plan(plan, read, write, rank: int, comm_device: torch.device, wave_messages: int = 256) -> int:
+def _run_plan(plan, read, write, rank: int, comm_device: torch.device) -> int:
     """Carry out ``plan`` - ``(src, dst, key, lo, hi, kinds)`` in the same order on every rank - with
     ``read(key, lo, hi)`` / ``write(key, lo, hi)`` giving the ``kinds`` source / destination tensors.
-    Local ranges are copied; the others travel point to point in waves (every transfer takes the
-    same message slots on every rank, so the waves line up). Returns the most staging bytes used."""
-    local_dst, local_src, messages = [], [], []
+    Local ranges are copied; the others travel point to point in waves of at most ``WAVE_MESSAGES``
+    messages and (but for a single larger tensor) ``WAVE_ELEMENTS`` elements, which bounds the
+    staging buffers. Every rank cuts the same waves from the same plan, so sends and receives pair
+    up. Returns the most staging bytes one wave used."""
+    local_dst, local_src, waves = [], [], [[]]
+    count = size = 0
     for src, dst, key, lo, hi, kinds in plan:
+        if count and (count + kinds > WAVE_MESSAGES or size + kinds * (hi - lo) > WAVE_ELEMENTS):
+            waves.append([])
+            count = size = 0
+        count, size = count + kinds, size + kinds * (hi - lo)
         if src in (rank, EVERY_RANK) and dst in (rank, EVERY_RANK):
             local_dst += write(key, lo, hi)
             local_src += read(key, lo, hi)
-            messages += [None] * kinds
         elif src == rank:
-            messages += [("send", dst, t) for t in read(key, lo, hi)]
+            waves[-1] += [("send", dst, t) for t in read(key, lo, hi)]
         elif dst == rank:
-            messages += [("recv", src, t) for t in write(key, lo, hi)]
-        else:
-            messages += [None] * kinds
+            waves[-1] += [("recv", src, t) for t in write(key, lo, hi)]
     multi_tensor_copy_(local_dst, local_src)
-    staged = 0
-    for start in range(0, len(messages), wave_messages):
-        staged = max(staged, _exchange(messages[start:start + wave_messages], comm_device))
-    return staged
+    return max((_exchange(wave, comm_device) for wave in waves), default=0)
 
 
 def _exchange(wave: list, comm_device: torch.device) -> int:
     """Post one wave of sends and receives, wait for all; returns the staging bytes it needed."""
     ops, landing, staged = [], [], 0
-    for item in wave:
-        if item is None:
-            continue
-        kind, peer, tensor = item
+    for kind, peer, tensor in wave:
         buffer = tensor
         if tensor.device != comm_device:  # e.g. CPU-offloaded state over NCCL: travel via the device
             buffer = tensor.to(comm_device) if kind == "send" else torch.empty_like(tensor, device=comm_device)
