@@ -134,7 +134,8 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
                                        "conventional_trainable_params", "mean_independent_layers",
                                        "tokens_per_second", "steps", "regroups", "regroup_seconds_mean",
                                        "step_seconds_mean", "regroup_over_step", "train_time_s",
-                                       "optimizer_state_bytes", "rank_param_checksums", "precision")},
+                                       "optimizer_state_bytes", "rank_param_checksums", "precision",
+                                       "model_flops_per_token", "mfu")},
             "peak_tensor_bytes": max((max(s, default=0) for s in samples), default=0),
             "avg_tensor_bytes": int(sum(sum(s) for s in samples) / max(sum(len(s) for s in samples), 1)),
             "max_transient_over_state": max((d["regroup_transient_bytes"] / d["optimizer_state_bytes"]

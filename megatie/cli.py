@@ -109,6 +109,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     log.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
                      help="write no step or best checkpoints (benchmarks, throwaway runs)")
     log.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    log.add_argument("--peak-tflops", type=float,
+                     help="the GPU's dense peak TFLOPS at the run's precision, for MFU (default: looked up "
+                          "from the device name: A100, H100, H200)")
     ds = p.add_argument_group("DeepSpeed (engine settings only; batch, lr and clipping come from the flags above)")
     ds.add_argument("--deepspeed", metavar="CONFIG",
                     help="train with DeepSpeed ZeRO (stage 0-2) using this JSON config, e.g. ds_configs/zero2.json")

@@ -64,6 +64,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     local_rank: int | None = None  # set by the deepspeed launcher
     dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
+    peak_tflops: float | None = None  # the GPU's dense peak for MFU; None: looked up from the device name
     # tying
     # The measured recommendation (benchmarks/RESULTS.md §6): within 5% of conventional perplexity at a
     # third of its trainable parameters in every regime measured; the paper's agent is kept as `qlearning`.
@@ -149,6 +150,8 @@ class TrainConfig:
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
             raise ConfigError(f"Adam settings out of range: betas ({self.adam_beta1}, {self.adam_beta2}) must be in "
                               f"[0, 1) and eps ({self.adam_eps}) positive")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
         if not isinstance(self.dist_timeout_s, int) or self.dist_timeout_s < 1:
             raise ConfigError(f"--dist-timeout-s must be a positive number of seconds, got {self.dist_timeout_s!r}")
         if self.n_embd % self.n_head:

@@ -25,6 +25,7 @@ from megatie.data import build_lm_data
 from megatie.distributed import RankSync, param_checksum
 from megatie.engines import build_engine
 from megatie.errors import CheckpointError, ConfigError
+from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
 from megatie.models import build_gpt2
@@ -70,6 +71,11 @@ class Trainer:
         self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
                                 cfg.dropout, seed=cfg.seed, device=self.device)
         self.tying = LayerTying(self.model, cfg.tie_mode)
+        self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
+                                                     cfg.n_layer, cfg.n_embd, cfg.seq_len)
+        self.peak_flops = None  # no MFU on a CPU
+        if self.device.type == "cuda":
+            self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device), cfg.precision, cfg.peak_tflops)
         agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min,
                                    reward_norm=cfg.reward_norm, target_sync=cfg.target_sync,
                                    switch_cost=cfg.switch_cost, moves=cfg.agent_moves,
@@ -204,14 +210,16 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.logger.log({"event": "train", "step": self.step, "loss": loss, "lr": self.engine.lr,
                                      "trainable_params": trainable, "n_independent": self.tying.num_independent(),
-                                     "tokens_per_second": self._tokens_per_second()}, self.step, prefix="train/")
+                                     "tokens_per_second": self._tokens_per_second(), "mfu": self._mfu()},
+                                    self.step, prefix="train/")
                 if self.step % cfg.eval_every == 0 or self.step == stop:
                     last_val = self._evaluate_and_track()
                 if cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self.save()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(),
-                                val_ppl="-" if last_val is None else f"{last_val:.1f}")
+                                val_ppl="-" if last_val is None else f"{last_val:.1f}",
+                                **({} if self.peak_flops is None else {"mfu": f"{self._mfu():.1%}"}))
         finally:
             bar.close()
             memory = monitor.stop()
@@ -223,6 +231,10 @@ class Trainer:
 
     def _tokens_per_second(self) -> float:
         return self.stats["tokens"] / max(self.stats["train_time"], 1e-9)
+
+    def _mfu(self) -> float | None:
+        """Over the training time so far, regroups and reward measurements included."""
+        return mfu(self.flops_per_token, self._tokens_per_second(), self.world_size, self.peak_flops)
 
     def _evaluate_and_track(self) -> float:
         val = self.evaluate("valid")
@@ -262,6 +274,9 @@ class Trainer:
             "final_state": list(self.tying.state),
             "decisions": len(self.controller.history),
             "tokens_per_second": self._tokens_per_second(),
+            "model_flops_per_token": self.flops_per_token,
+            "mfu": self._mfu(),
+            "peak_flops": self.peak_flops,
             "train_time_s": self.stats["train_time"],
             "peak_memory_bytes": most["peak_bytes"],
             "avg_memory_bytes": most["avg_bytes"],

@@ -54,6 +54,7 @@ def test_run_directory_contract(tmp_path, cache_dir):
     assert regrouped and all(all(k in d for k in REGROUP_KEYS) for d in regrouped)
     assert on_disk["regroups"] == len(regrouped) and on_disk["regroup_over_step"] > 0
     assert len(on_disk["rank_param_checksums"]) == 1
+    assert on_disk["model_flops_per_token"] > 0 and on_disk["mfu"] is None  # no MFU on a CPU
     config = json.loads((out / "config.json").read_text())
     for key in ("deepspeed", "deepspeed_config", "precision", "activation_checkpointing", "adam_beta1",
                 "adam_beta2", "adam_eps", "local_rank", "dist_timeout_s"):
