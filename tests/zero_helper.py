@@ -124,7 +124,7 @@ def run(argv) -> None:
     if os.environ.get("MEGATIE_TEST_DETERMINISTIC"):
         import torch
 
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # where a kernel has no deterministic variant, it warns
     if os.environ.get("MEGATIE_TEST_WAVE_MESSAGES"):  # many small waves instead of one
         import megatie.engines.zero_state as zero_state
 
