@@ -302,10 +302,10 @@ def test_unchanged_decision_rebuilds_nothing(tmp_path, reference):
     trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), ZERO2)
     engine = trainer.engine
     engine.train_step([next(trainer.loader)])
-    engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))
-    before = engine.engine
-    engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))
-    assert engine.engine is before and engine.regroups == 1
+    assert engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))  # a record: it regrouped
+    before = engine.optimizer
+    assert engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5])) == {}
+    assert engine.optimizer is before and engine.regroups == 1
 
 
 # --------------------------------------------------------------------------- checkpoints
