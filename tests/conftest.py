@@ -8,5 +8,5 @@ where CUDA exists; the ``gpu``-marked tests run their DeepSpeed side in child pr
 
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ["DS_ACCELERATOR"] = "cpu"
 
