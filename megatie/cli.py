@@ -152,11 +152,12 @@ def train_main(argv=None) -> dict:
     if not cfg.deepspeed:
         summary = Trainer(cfg).train()
     else:
-        from megatie.distributed import init_deepspeed_distributed, shutdown_distributed
+        from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
 
         sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
         try:
-            summary = Trainer(cfg, sync=sync).train()
+            with failures_as_errors(sync, cfg.dist_timeout_s):
+                summary = Trainer(cfg, sync=sync).train()
         finally:
             shutdown_distributed()
         if sync.rank != 0:

@@ -18,6 +18,7 @@ then a no-op.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -109,6 +110,22 @@ class RankSync:
         if any(v != values[0] for v in values[1:]):
             raise DistributedError(f"ranks disagree on {what} ({_describe(values)}); stopping before the "
                                    "ranks' next collective would hang")
+
+
+@contextmanager
+def failures_as_errors(sync: RankSync, timeout_s: int):
+    """A collective that timed out, or whose peer went away, becomes one ``DistributedError`` line
+    instead of a backend traceback (NCCL raises ``DistBackendError``, gloo a ``RuntimeError``)."""
+    try:
+        yield
+    except RuntimeError as e:
+        backend = isinstance(e, getattr(tdist, "DistBackendError", ())) or any(
+            s in str(e) for s in ("Timed out", "Connection closed", "Connection reset", "Broken pipe"))
+        if not backend:
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DistributedError(f"rank {sync.rank}: a collective failed ({first[-200:]}); another rank stopped, "
+                               f"or waited longer than --dist-timeout-s {timeout_s}") from None
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -178,15 +179,20 @@ def test_ranks_follow_one_decision_despite_own_seed_and_reward(tmp_path):
     assert regrouped and all(d["regroup_transient_bytes"] <= 0.6 * d["optimizer_state_bytes"] for d in regrouped)
 
 
-def _fails_on_every_rank(tmp_path, **fault) -> str:
-    procs = _start(_qlearning_args(str(tmp_path / "run")), str(tmp_path / "res"), **fault)
-    results = _finish(procs, timeout=180)
+def _errors_of_every_rank(tmp_path, *extra, **fault) -> list[str]:
+    """Each rank's one ``error:`` line; each must have exited with status 2, without a traceback."""
+    procs = _start(_qlearning_args(str(tmp_path / "run")) + list(extra), str(tmp_path / "res"), **fault)
     errors = []
-    for code, _, stderr in results:
+    for code, _, stderr in _finish(procs, timeout=180):
         assert code == 2, stderr[-3000:]
         lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
         errors.append(lines[0])
+    return errors
+
+
+def _fails_on_every_rank(tmp_path, **fault) -> str:
+    errors = _errors_of_every_rank(tmp_path, **fault)
     assert errors[0] == errors[1]
     return errors[0]
 
@@ -212,3 +218,13 @@ def test_two_ranks_resume_a_learning_agent_exactly(tmp_path):
     fields = ("step", "state", "reward", "explored")
     assert [[d[k] for k in fields] for d in b["decisions"]] == [[d[k] for k in fields] for d in a["decisions"]]
     assert a["hash"] == b["hash"]
+
+
+def test_a_stalled_rank_ends_in_one_line_not_a_hang(tmp_path):
+    """Rank 1 stalls longer than --dist-timeout-s: rank 0's collective times out, rank 1 then finds its
+    peer gone; each ends with one line, within seconds of the timeout."""
+    start = time.monotonic()
+    errors = _errors_of_every_rank(tmp_path, "--dist-timeout-s", "15", MEGATIE_TEST_RANK1_STALL_S="45")
+    assert all("a collective failed" in e and "--dist-timeout-s 15" in e for e in errors)
+    assert errors[0].startswith("error: rank 0:") and errors[1].startswith("error: rank 1:")
+    assert time.monotonic() - start < 150

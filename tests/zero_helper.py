@@ -13,7 +13,8 @@ Faults for the rank-agreement tests, injected on rank 1 only (environment variab
 - ``MEGATIE_TEST_RANK1_DRIFT_AGENT``: rank 1's agent drifts after start-up (its Q network and
   exploration generator change), as non-deterministic kernels or other hardware would make it;
 - ``MEGATIE_TEST_RANK1_OWN_DECISION``: rank 1 ignores rank 0's first proposal and applies its own;
-- ``MEGATIE_TEST_RANK1_NUDGE_WEIGHT``: rank 1 nudges one weight just before the first regroup.
+- ``MEGATIE_TEST_RANK1_NUDGE_WEIGHT``: rank 1 nudges one weight just before the first regroup;
+- ``MEGATIE_TEST_RANK1_STALL_S``: rank 1 stalls that long just before the first regroup.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ def _inject_rank1_faults(trainer) -> None:
             return proposal, delayed, policy
 
         controller.sync.broadcast = own_decision
+    stall = float(os.environ.get("MEGATIE_TEST_RANK1_STALL_S", 0))
+    if stall:
+        regroup_before_stall = controller.regroup
+
+        def stalled(plan):
+            if not controller.history:
+                import time
+
+                time.sleep(stall)
+            return regroup_before_stall(plan)
+
+        controller.regroup = stalled
     if os.environ.get("MEGATIE_TEST_RANK1_NUDGE_WEIGHT"):
         regroup = controller.regroup
 
@@ -118,8 +131,7 @@ def _inject_rank1_faults(trainer) -> None:
 
 def run(argv) -> None:
     from megatie.cli import build_parser, config_from_args
-    from megatie.distributed import init_deepspeed_distributed, shutdown_distributed
-    from megatie.trainer import Trainer
+    from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
 
     if os.environ.get("MEGATIE_TEST_DETERMINISTIC"):
         import torch
@@ -134,20 +146,27 @@ def run(argv) -> None:
     cfg = config_from_args(build_parser().parse_args(argv))
     sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
     try:
-        trainer = Trainer(cfg, sync=sync)
-        if sync.rank == 1:
-            _inject_rank1_faults(trainer)
-        losses = record_losses(trainer)
-        summary = trainer.train()
-        result = {"rank": sync.rank, "world_size": sync.world_size, "losses": losses,
-                  "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
-                  "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "summary": summary}
-        out = os.environ.get("MEGATIE_TEST_OUT", cfg.out_dir)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"rank{sync.rank}.json"), "w") as f:
-            json.dump(result, f, default=str)
+        with failures_as_errors(sync, cfg.dist_timeout_s):
+            _train_and_record(cfg, sync)
     finally:
         shutdown_distributed()
+
+
+def _train_and_record(cfg, sync) -> None:
+    from megatie.trainer import Trainer
+
+    trainer = Trainer(cfg, sync=sync)
+    if sync.rank == 1:
+        _inject_rank1_faults(trainer)
+    losses = record_losses(trainer)
+    summary = trainer.train()
+    result = {"rank": sync.rank, "world_size": sync.world_size, "losses": losses,
+              "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
+              "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "summary": summary}
+    out = os.environ.get("MEGATIE_TEST_OUT", cfg.out_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank{sync.rank}.json"), "w") as f:
+        json.dump(result, f, default=str)
 
 
 if __name__ == "__main__":
