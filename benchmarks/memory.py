@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, SHAPE_FLAGS, scratch_dir, side_by_side, write_json  # noqa: E402
+from harness import ROOT, SHAPE_FLAGS, side_by_side, write_json  # noqa: E402
 
 DEFAULT = dict(n_layer=24, n_embd=384, n_head=6, seq_len=64, batch_size=4, vocab_size=512, max_steps=60,
                tie_every=15)
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="short run (under 5 minutes on a 2-core CPU)")
     add_shape_flags(p, DEFAULT)
     args = p.parse_args(argv)
-    with scratch_dir():  # SIGTERM ends the benchmark through its cleanup paths
-        results = run(settings_from(args, QUICK if args.quick else DEFAULT), args.ds_config, args.seed)
+    results = run(settings_from(args, QUICK if args.quick else DEFAULT), args.ds_config, args.seed)
     write_json(args.out, results)
     print_table(results)
     return 0

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, scratch_dir, side_by_side, write_json  # noqa: E402
+from harness import ROOT, side_by_side, write_json  # noqa: E402
 
 SHAPES = {
     "default": dict(n_layer=12, n_embd=192, n_head=4, seq_len=64, batch_size=4, vocab_size=512, max_steps=45,
@@ -58,10 +58,9 @@ def main(argv=None) -> int:
     shapes = ["default"] if args.quick else list(SHAPES)
     t0 = time.perf_counter()
     rows = []
-    with scratch_dir():
-        for shape in shapes:
-            for ranks in (int(r) for r in args.ranks.split(",")):
-                rows.append(measure(shape, SHAPES[shape], ranks, args.ds_config, args.seed))
+    for shape in shapes:
+        for ranks in (int(r) for r in args.ranks.split(",")):
+            rows.append(measure(shape, SHAPES[shape], ranks, args.ds_config, args.seed))
     out = {"rows": rows, "ds_config": os.path.relpath(os.path.abspath(args.ds_config), ROOT),
            "benchmark_wall_s": time.perf_counter() - t0}
     write_json(args.out, out)

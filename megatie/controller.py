@@ -95,7 +95,8 @@ class TieController:
         regrouped = self.regroup(plan) or {}
         if not self.policy.ties:
             # Ablation (v): the copies happened; every block now trains on its own again.
-            regrouped = _merge_regroups(regrouped, self.regroup(self.tying.apply(identity_state(self.tying.num_blocks))) or {})
+            untie = self.tying.apply(identity_state(self.tying.num_blocks))
+            regrouped = _merge_regroups(regrouped, self.regroup(untie) or {})
         self._verify_ranks(index)
         record = {
             "event": "decision",

@@ -80,9 +80,6 @@ class RankSync:
     def mean(self, value: float) -> float:
         return self._reduce([float(value)], tdist.ReduceOp.SUM)[0] / self.world_size
 
-    def max(self, value: float) -> float:
-        return self._reduce([float(value)], tdist.ReduceOp.MAX)[0] if self.world_size > 1 else float(value)
-
     def sum(self, value: float) -> float:
         return self._reduce([float(value)], tdist.ReduceOp.SUM)[0]
 

@@ -286,7 +286,8 @@ class Trainer:
             "peak_resets_folded": memory.get("resets_folded", 0),
             "optimizer_state_bytes": self.engine.optimizer_state_bytes(),
             "regroups": int(self.stats["regroups"]),
-            "regroup_seconds_mean": self.stats["regroup_time"] / self.stats["regroups"] if self.stats["regroups"] else None,
+            "regroup_seconds_mean": (self.stats["regroup_time"] / self.stats["regroups"]
+                                     if self.stats["regroups"] else None),
             "step_seconds_mean": self.stats["step_time"] / steps,
             "regroup_over_step": self._regroup_over_step(),
             "rank_param_checksums": self.sync.gather(param_checksum(unique_parameters(self.model))),

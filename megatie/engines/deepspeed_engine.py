@@ -38,8 +38,8 @@ import torch.distributed as tdist
 from megatie.checkpoint import replace_dir, seal_checkpoint_dir, unique_state_dict
 from megatie.distributed import RankSync
 from megatie.engines.ds_config import engine_config, zero_stage_of
-from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, inner_optimizer,
-                                        state_bytes)
+from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, held_state_bytes,
+                                        inner_optimizer)
 from megatie.errors import CheckpointError, ConfigError
 from megatie.optim import build_adamw, decay_group, lr_factor, lr_scheduler
 from megatie.tying import unique_parameters
@@ -208,14 +208,15 @@ class DeepSpeedEngine:
         del carried
         self._restore_schedule(schedule)
         self.regroups += 1
-        per_rank = self.sync.gather((time.perf_counter() - t0, transient, self.optimizer_state_bytes(local=True)))
+        seconds = time.perf_counter() - t0
+        per_rank = self.sync.gather((seconds, transient, self.optimizer_state_bytes(local=True)))
         return {"regroup_seconds": max(r[0] for r in per_rank),
                 "regroup_transient_bytes": max(r[1] for r in per_rank),
                 "optimizer_state_bytes": sum(r[2] for r in per_rank)}
 
     def optimizer_state_bytes(self, local: bool = False) -> int:
         """fp32 masters plus Adam moments, of this rank (``local``) or of all ranks (a collective)."""
-        mine = state_bytes(self.optimizer, self.rank)
+        mine = held_state_bytes(self.optimizer, self.rank)
         return mine if local else int(self.sync.sum(mine))
 
     @property

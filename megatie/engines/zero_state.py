@@ -41,6 +41,7 @@ import torch
 import torch.distributed as tdist
 
 from megatie.kernels import multi_tensor_copy_
+from megatie.optim import state_bytes
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 EVERY_RANK = -1  # holder/needer rank of an unpartitioned tensor: each rank has its own full copy
@@ -118,14 +119,10 @@ def _step_of(state: dict) -> int:
     return int(step.item() if isinstance(step, torch.Tensor) else step)
 
 
-def state_bytes(ds_optimizer, rank: int) -> int:
-    """fp32 masters plus Adam moments this rank holds (padding included)."""
-    inner, total = inner_optimizer(ds_optimizer), 0
-    for view in flat_views(ds_optimizer, rank):
-        total += view.master.numel() * 4
-        state = inner.state.get(view.master, {})
-        total += sum(state[k].numel() * state[k].element_size() for k in MOMENTS if isinstance(state.get(k), torch.Tensor))
-    return total
+def held_state_bytes(ds_optimizer, rank: int) -> int:
+    """fp32 masters plus Adam state this rank holds (padding included)."""
+    masters = sum(v.master.numel() * v.master.element_size() for v in flat_views(ds_optimizer, rank))
+    return masters + state_bytes(inner_optimizer(ds_optimizer).state)
 
 
 @dataclass
@@ -270,7 +267,8 @@ def carry_out(ds_optimizer, sources: dict[int, Source], new_groups: list[list], 
                 if dst in (rank, EVERY_RANK):
                     master = source.view.master
                     out.pieces[key] = (lo, torch.empty(source.kinds, hi - lo, dtype=master.dtype, device=master.device))
-            plan += [(src, dst, key, lo, hi, source.kinds) for src, dst, lo, hi in _transfers(split[key], source.holders)]
+            plan += [(src, dst, key, lo, hi, source.kinds)
+                     for src, dst, lo, hi in _transfers(split[key], source.holders)]
 
     def read(key, lo, hi):
         return _old_slices(inner, sources[source_of[key]], lo, hi)
@@ -298,7 +296,8 @@ def _new_state(inner, views: list[FlatView], carried: Carried) -> list[list[torc
         if with_moments:
             moments = [torch.zeros_like(view.master) for _ in MOMENTS]
             # torch's AdamW keeps a CPU float32 step tensor unless capturable/fused.
-            inner.state[view.master] = {"step": torch.tensor(float(carried.steps[with_moments[0]]), dtype=torch.float32),
+            step = torch.tensor(float(carried.steps[with_moments[0]]), dtype=torch.float32)
+            inner.state[view.master] = {"step": step,
                                         MOMENTS[0]: moments[0], MOMENTS[1]: moments[1]}
             tensors += [m.view(-1) for m in moments]
         targets.append(tensors)
@@ -317,8 +316,9 @@ def carry_in(ds_optimizer, carried: Carried, rank: int, world: int, comm_device:
             key = id(q)
             if key in carried.kinds:
                 where[key] = (vi, offset - view.start)
+                needs = view.ranges(offset, q.numel(), world)
                 plan += [(src, dst, key, lo, hi, carried.kinds[key])
-                         for src, dst, lo, hi in _transfers(view.ranges(offset, q.numel(), world), carried.holders[key])]
+                         for src, dst, lo, hi in _transfers(needs, carried.holders[key])]
 
     def read(key, lo, hi):
         start, data = carried.pieces[key]
