@@ -27,12 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# The option names are defined torch-free (for the launcher's parser) and re-exported here.
+from megatie.choices import MOVES, REWARD_NORMS, REWARDS  # noqa: F401
 from megatie.errors import ConfigError
 from megatie.state import validate_action, validate_state
-
-REWARDS = ("neg-ppl", "neg-loss", "loss-drop")
-REWARD_NORMS = ("none", "running")
-MOVES = ("vector", "local")
 
 
 def reward_from_loss(loss: float, kind: str, previous: float | None = None) -> float:

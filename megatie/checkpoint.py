@@ -1,16 +1,24 @@
-"""Atomic checkpoints that load safely.
+"""Atomic, verified checkpoints that load without running code.
 
-A checkpoint is a directory ``step_XXXXXXXX/`` with
+A checkpoint is a directory ``step_XXXXXXXX/`` (or ``best/``) with
 - ``model.safetensors``: every distinct tensor once (a tied group is stored at its root's name);
 - ``optimizer.pt`` and ``trainer.pt``: optimizer/scheduler state and trainer state (tie structure,
-  agent, history, RNG, data position), loaded with ``torch.load(weights_only=True)``;
-- ``meta.json``: format version and file sizes, checked before anything is read.
-It is written into a temporary directory and renamed into place, so a crash leaves either the old
-checkpoint set or the new one, never a directory that looks complete but is not.
+  agent, history, RNG, data position) - plain tensors, numbers and strings, loaded with
+  ``torch.load(weights_only=True)``, whose unpickler refuses every class and function it does not
+  know, so a planted payload is an error, never code that runs;
+- with DeepSpeed, ``zero_rank_XXXXX.safetensors``: each rank's slice of the fp32 masters and Adam
+  moments (DeepSpeed's own checkpoint files are unpickled with ``weights_only=False``, so megatie
+  does not write or read them);
+- ``meta.json``, written last: format, step, engine, and the size and SHA-256 of every file.
+
+Every file is checked against its SHA-256 before anything is read, so damaged bytes are refused,
+not trained on. A checkpoint is written into a temporary directory and renamed into place: a crash
+leaves the old checkpoint set or the new one, never a directory that looks complete but is not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -25,8 +33,14 @@ from torch import nn
 from megatie.errors import CheckpointError
 from megatie.metrics import write_json_atomic
 
-FORMAT_VERSION = 2  # 2: trainer state holds one reward generator per rank
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+FORMAT_VERSION = 3  # 3: SHA-256 of every file; DeepSpeed state in safetensors; the step in meta.json
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+SHARED_FILES = ("model.safetensors", "optimizer.pt", "trainer.pt")  # read by every rank
+_HASH_CHUNK = 1 << 24
+
+
+def zero_file(rank: int) -> str:
+    return f"zero_rank_{rank:05d}.safetensors"
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,6 +75,17 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             target.copy_(value)
 
 
+# ---------------------------------------------------------------------- writing
+def file_record(path: str) -> dict:
+    """Size and SHA-256 of a file, after making it durable."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
@@ -75,32 +100,39 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str, name: str, model: nn.Module, optimizer_state: dict, trainer_state: dict) -> str:
-    """Write checkpoint ``root/name`` atomically (replacing an older one of that name)."""
-    os.makedirs(root, exist_ok=True)
+def save_checkpoint(root: str, name: str, step: int, model: nn.Module, optimizer_state: dict,
+                    trainer_state: dict) -> str:
+    """Write checkpoint ``root/name`` of the single-process engine atomically."""
+    tmp = start_checkpoint_dir(root, name)
+    write_shared_files(tmp, model, optimizer_state, trainer_state)
+    seal_checkpoint_dir(tmp, step=step, engine="torch", world_size=1)
     final = os.path.join(root, name)
-    tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
-    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-    seal_checkpoint_dir(tmp)
     replace_dir(tmp, final)
     return final
 
 
-def seal_checkpoint_dir(tmp: str, **meta) -> None:
-    """Make every file under ``tmp`` durable and list it, with its size, in ``meta.json`` - written last,
-    so a directory with a meta.json is complete (sizes are checked before anything is loaded)."""
-    files = {}
-    for dirpath, _, filenames in os.walk(tmp):
-        for fname in filenames:
-            full = os.path.join(dirpath, fname)
-            with open(full, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[os.path.relpath(full, tmp)] = os.path.getsize(full)
-    write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, "files": files, **meta})
+def start_checkpoint_dir(root: str, name: str) -> str:
+    tmp = os.path.join(root, f".{name}.tmp")
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def write_shared_files(tmp: str, model: nn.Module, optimizer_state: dict, trainer_state: dict) -> None:
+    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
+    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+
+
+def seal_checkpoint_dir(tmp: str, recorded: dict[str, dict] | None = None, **meta) -> None:
+    """List every file under ``tmp`` with its size and SHA-256 in ``meta.json``, written last, so a
+    directory with a meta.json is complete. ``recorded``: records other ranks already computed."""
+    files = dict(recorded or {})
+    for fname in sorted(os.listdir(tmp)):
+        if fname not in files and os.path.isfile(os.path.join(tmp, fname)):
+            files[fname] = file_record(os.path.join(tmp, fname))
+    write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, **meta, "files": files})
     fsync_dir(tmp)
 
 
@@ -117,42 +149,87 @@ def replace_dir(tmp: str, final: str) -> None:
     fsync_dir(os.path.dirname(final))
 
 
-def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """Return ``(model_tensors, optimizer_state, trainer_state)`` or raise ``CheckpointError``."""
-    meta_path = os.path.join(path, "meta.json")
+# ---------------------------------------------------------------------- reading
+def read_meta(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        with open(meta_path, encoding="utf-8") as f:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
-        files = meta["files"]
+        if not isinstance(meta["files"], dict) or not isinstance(meta["step"], int):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
+        if isinstance(locals().get("meta"), dict) and meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, this megatie reads "
+                                  f"format {FORMAT_VERSION}") from None
         raise CheckpointError(f"checkpoint {path!r} has no readable meta.json; it is incomplete or corrupt") from None
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, expected {FORMAT_VERSION}")
-    for fname, size in files.items():
-        fpath = os.path.join(path, fname)
-        if not os.path.isfile(fpath) or os.path.getsize(fpath) != size:
-            raise CheckpointError(f"checkpoint file {fpath!r} is missing or truncated (expected {size} bytes)")
+        raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, this megatie reads "
+                              f"format {FORMAT_VERSION}")
+    return meta
+
+
+def verify_files(path: str, names: list[str] | None = None) -> dict:
+    """Check the size and SHA-256 of ``names`` (default: every listed file); returns meta.json."""
+    meta = read_meta(path)
+    files = meta["files"]
+    for fname in SHARED_FILES:
+        if fname not in files:
+            raise CheckpointError(f"checkpoint {path!r}: meta.json does not list {fname}")
+    for fname in files if names is None else names:
+        record, fpath = files.get(fname), os.path.join(path, fname)
+        if not isinstance(record, dict) or os.path.basename(fname) != fname:
+            raise CheckpointError(f"checkpoint {path!r}: meta.json has no valid record of {fname}")
+        if not os.path.isfile(fpath) or os.path.getsize(fpath) != record.get("bytes"):
+            raise CheckpointError(f"checkpoint file {fpath!r} is missing or truncated "
+                                  f"(expected {record.get('bytes')} bytes)")
+        if file_record(fpath)["sha256"] != record.get("sha256"):
+            raise CheckpointError(f"checkpoint file {fpath!r} fails its SHA-256 check: its bytes changed "
+                                  "after it was written")
+    return meta
+
+
+def problem_with(path: str, names: list[str] | None = None) -> str | None:
+    """Why ``path`` cannot be resumed from (``None``: it verifies)."""
+    try:
+        verify_files(path, names)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
+    """``(model_tensors, optimizer_state, trainer_state)`` of a checkpoint whose shared files verify."""
+    verify_files(path, list(SHARED_FILES))
     try:
         tensors = load_file(os.path.join(path, "model.safetensors"))
-        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
-        trainer_state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        optimizer_state = load_pickle_free(os.path.join(path, "optimizer.pt"))
+        trainer_state = load_pickle_free(os.path.join(path, "trainer.pt"))
+    except SafetensorError as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: {str(e).splitlines()[0]}") from None
     return tensors, optimizer_state, trainer_state
 
 
-def list_checkpoints(root: str) -> list[str]:
-    """Complete step checkpoints under ``root``, oldest first (temporary directories ignored)."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "meta.json"))]
+def load_pickle_free(path: str):
+    """``torch.load`` that builds tensors and plain containers only: anything else is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path!r} was refused: {first}") from None
 
 
+# ---------------------------------------------------------------------- the checkpoints of a run
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete step checkpoints under ``root``, oldest first by step number."""
+    if not os.path.isdir(root):
+        return []
+    steps = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.match(n))]
+    return [os.path.join(root, n) for _, n in sorted(steps) if os.path.isfile(os.path.join(root, n, "meta.json"))]
 
 
 def prune_checkpoints(root: str, keep: int) -> None:
@@ -160,11 +237,9 @@ def prune_checkpoints(root: str, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(spec: str, out_dir: str) -> str:
-    """``auto``/``latest``: the newest complete checkpoint of ``out_dir``; otherwise a path."""
-    if spec in ("auto", "latest"):
-        found = list_checkpoints(os.path.join(out_dir, "checkpoints"))
-        if not found:
-            raise CheckpointError(f"--resume {spec}: no checkpoint under {os.path.join(out_dir, 'checkpoints')!r}")
-        return found[-1]
-    return spec
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint out of the run's timeline, keeping its bytes for inspection."""
+    target = os.path.join(os.path.dirname(path), f"damaged-{os.path.basename(path)}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target

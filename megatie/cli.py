@@ -2,20 +2,28 @@
 
 Errors the user can fix end with one line on stderr and exit status 2, never a traceback
 (set ``MEGATIE_DEBUG=1`` to see the traceback anyway).
+
+Importing this module and building the parser import no torch, transformers or DeepSpeed (the
+choices come from ``megatie.choices``), so ``--help`` and a mistyped flag answer in well under a
+second; everything that can be checked without them is checked before they load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 
-from megatie.config import PRESETS, TrainConfig
-from megatie.errors import MegatieError
-from megatie.policies import POLICIES
-from megatie.agent import MOVES, REWARD_NORMS, REWARDS
-from megatie.tying import TIE_MODES
+from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
+from megatie.config import TrainConfig
+from megatie.errors import ConfigError, MegatieError
+from megatie.runlock import RunLock
+
+INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume auto)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +39,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    return [x.strip().replace("-", "_") for x in text.split(",") if x.strip()]
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Train a transformer from scratch with dynamic layer tying.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,7 +53,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help=f"model/run size: {', '.join(PRESETS)}")
     run.add_argument("--max-steps", type=int, help="optimizer steps (preset default)")
     run.add_argument("--seed", type=int, default=d.seed)
-    run.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out-dir")
+    run.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out-dir that verifies")
+    run.add_argument("--allow-changed", type=_name_list, default=[], metavar="SETTING[,SETTING]",
+                     help="on resume, accept these settings differing from the checkpoint's (e.g. max_steps,lr); "
+                          "other changes are refused")
     model = p.add_argument_group("model (overrides the preset)")
     for flag in ("n-layer", "n-embd", "n-head", "seq-len"):
         model.add_argument(f"--{flag}", type=int)
@@ -50,7 +65,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, help="micro-batch per rank")
     opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     opt.add_argument("--lr", type=float)
-    opt.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
+    opt.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
     opt.add_argument("--warmup-steps", type=int)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
@@ -87,7 +102,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--grow-start", type=float, default=d.grow_start,
                      help="grow: fraction of training with every block tied to block 0")
     tie.add_argument("--grow-final", type=int, help="grow: groups at the end (default 4)")
-    tie.add_argument("--grow-layout", default=d.grow_layout, choices=["contiguous", "cyclic"],
+    tie.add_argument("--grow-layout", default=d.grow_layout, choices=GROW_LAYOUTS,
                      help="grow: contiguous chunks (1, 2, ..., final groups) or block i -> i mod g "
                           "(g along a divisor chain such as 1, 2, 4, 12)")
     data = p.add_argument_group("data")
@@ -129,40 +144,153 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def run_main(main_fn, argv=None) -> int:
-    """Call ``main_fn(argv)``; turn user errors into one line and exit status 2."""
+def _sigterm_to_interrupt(signum, frame):
+    # One-shot: a repeated SIGTERM must not interrupt the unwinding the first one started (the
+    # deepspeed launcher follows its SIGTERM with SIGKILL 30 s later if a rank hangs).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``KeyboardInterrupt`` while the block runs. On Ctrl-C the deepspeed launcher
+    sends SIGTERM to its ranks, which would otherwise die silently; this way they unwind (closing the
+    process group) and print the same resume hint as a plain Ctrl-C. The previous handlers are put
+    back afterwards, so a caller (tests, benchmarks) keeps its own."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
-        main_fn(argv)
-        return 0
-    except MegatieError as e:
-        if os.environ.get("MEGATIE_DEBUG"):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume auto)", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the ranks as SIGINT and, from the launcher, as SIGTERM just after: the second
+    # must not turn the resume hint into a traceback.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def run_main(main_fn, argv=None) -> int:
+    """Call ``main_fn(argv)``; turn user errors into one line and exit status 2, and an interrupt
+    (Ctrl-C, or SIGTERM from a launcher) into the resume hint and exit status 130."""
+    with _sigterm_as_interrupt():
+        try:
+            main_fn(argv)
+            return 0
+        except MegatieError as e:
+            if os.environ.get("MEGATIE_DEBUG"):
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _ignore_interrupts()
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+
+
+def check_out_dir(path: str) -> None:
+    """Create the run directory and make sure the run can write there. Done before torch, the data
+    and DeepSpeed load, so a mistyped or read-only --out-dir costs a second, not a minute. Every rank
+    checks: DeepSpeed checkpoints are written by all ranks."""
+    if not path:
+        raise ConfigError("--out-dir must not be empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out-dir {path} exists and is not a directory; choose another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --out-dir {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {path} is not writable; choose another path")
+
+
+class _Hold:
+    """A logging filter that keeps the records it stops."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def filter(self, record) -> bool:
+        self.records.append(record)
+        return False
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """Refuse a DeepSpeed config whose fp16/bf16 the accelerator lacks, in one line, before the process
+    group, the model and the data exist (DeepSpeed itself only notices in its engine's constructor)."""
+    if cfg.precision not in ("fp16", "bf16"):
+        return
+    import logging
+
+    # Importing DeepSpeed chooses the accelerator and logs "Setting accelerator to CPU ..." when none is
+    # named: held back, so a refusal stays one line, and replayed when the run goes on.
+    held: list[logging.LogRecord] = []
+    ds_logger = logging.getLogger("DeepSpeed")
+    hold = _Hold(held)
+    ds_logger.addFilter(hold)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    finally:
+        ds_logger.removeFilter(hold)
+    if accelerator.device_name() != "cpu":
+        # The CUDA queries act on the current device: make it this rank's, not everyone's device 0
+        # (init_deepspeed_distributed selects the same one).
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", cfg.local_rank or 0)))
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}
+    if supported[cfg.precision]():  # the CPU accelerator answers None rather than False for fp16
+        for record in held:
+            ds_logger.handle(record)
+        return
+    source = cfg.deepspeed if cfg.deepspeed is not None else "the DeepSpeed config"
+    other = "bf16" if cfg.precision == "fp16" else "fp16"
+    also = f" or ds_configs/zero2_{other}.json ({other})" if supported[other]() else ""
+    raise ConfigError(f"{source} asks for {cfg.precision}, which DeepSpeed's {accelerator.device_name()} "
+                      f"accelerator does not support on this machine; use ds_configs/zero2.json (fp32){also}")
 
 
 def train_main(argv=None) -> dict:
-    from megatie.trainer import Trainer
-
     cfg = config_from_args(build_parser().parse_args(argv))
-    cfg.resolved()  # validate everything (a bad DeepSpeed config included) before any process group exists
-    if not cfg.deepspeed:
-        summary = Trainer(cfg).train()
-    else:
-        from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
-
-        sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
-        try:
-            with failures_as_errors(sync, cfg.dist_timeout_s):
-                summary = Trainer(cfg, sync=sync).train()
-        finally:
-            shutdown_distributed()
-        if sync.rank != 0:
-            return summary
+    # Validate everything (a bad DeepSpeed config included) before any process group exists; the
+    # Trainer resolves the config again itself.
+    resolved = cfg.resolved()
+    check_out_dir(resolved.out_dir)
+    # One run per out-dir, held by the (global) rank 0 process, taken before the heavy imports so
+    # that a second run is refused at once.
+    lock = RunLock(resolved.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        if resolved.uses_deepspeed:
+            check_precision(resolved)
+        summary = _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+    if summary.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return summary
     keys = ("steps", "final_val_ppl", "best_val_ppl", "mean_independent_layers", "final_trainable_params",
             "tokens_per_second")
     print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
     return summary
+
+
+def _train(cfg: TrainConfig) -> dict:
+    from megatie.trainer import Trainer  # torch and transformers: only once the flags are known to be good
+
+    if not cfg.deepspeed:
+        return Trainer(cfg).train()
+    from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
+
+    sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
+    try:
+        with failures_as_errors(sync, cfg.dist_timeout_s):
+            return Trainer(cfg, sync=sync).train()
+    finally:
+        shutdown_distributed()

@@ -1,4 +1,4 @@
-"""One config dataclass for a training run, its presets and its validation.
+"""One config dataclass for a training run, its presets (defined in ``megatie.choices``) and its validation.
 
 The launcher flags fill ``TrainConfig``; they are the single source of truth for model size,
 micro-batch and learning rate (DeepSpeed JSON files hold engine settings only).
@@ -9,24 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from megatie.agent import MOVES, REWARD_NORMS, REWARDS
+# Plain data, so building the parser and validating a config import no torch; PRESETS is re-exported.
+from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
 from megatie.errors import ConfigError
-from megatie.policies import POLICIES
-from megatie.tying import TIE_MODES
-
-# Model shapes and the run length that suits them. `tiny` is sized for a CPU: a 60-step run takes
-# about a minute on two cores. `paper` is the paper's GPT-2 (48 blocks, d=1600, 16 heads).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=12, n_embd=128, n_head=4, seq_len=128, batch_size=8, lr=6e-4, max_steps=300,
-                 vocab_size=4096),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, seq_len=256, batch_size=16, lr=1e-4,
-                        max_steps=20000),
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, seq_len=256, batch_size=16, lr=1e-4,
-                       max_steps=20000),
-    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
-    "paper": dict(n_layer=48, n_embd=1600, n_head=16, seq_len=256, batch_size=16, lr=1e-4, max_steps=20000),
-}
 
 
 @dataclass
@@ -37,6 +22,8 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 1234
     resume: str | None = None
+    # Settings a resumed run may change from its checkpoint's (megatie.resume says which need it).
+    allow_changed: list[str] = field(default_factory=list)
     # model
     n_layer: int | None = None
     n_embd: int | None = None
@@ -162,7 +149,7 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.lr_schedule not in ("cosine", "constant"):
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.tie_policy not in POLICIES:
             raise ConfigError(f"unknown --tie-policy {self.tie_policy!r}; choose one of {', '.join(POLICIES)}")
@@ -178,7 +165,7 @@ class TrainConfig:
             raise ConfigError(f"unknown --agent-moves {self.agent_moves!r}; choose one of {', '.join(MOVES)}")
         if not 0 <= self.grow_start < 1:
             raise ConfigError(f"--grow-start must be in [0, 1), got {self.grow_start}")
-        if self.grow_layout not in ("contiguous", "cyclic"):
+        if self.grow_layout not in GROW_LAYOUTS:
             raise ConfigError(f"unknown --grow-layout {self.grow_layout!r}; choose contiguous or cyclic")
         if self.grow_final is not None and not 1 <= self.grow_final <= self.n_layer:
             raise ConfigError(f"--grow-final must be in 1..{self.n_layer}, got {self.grow_final}")

@@ -18,6 +18,10 @@ then a no-op.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -144,9 +148,62 @@ def _single_process_env(local_rank: int | None) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 1
+
+
+def _launcher_chain() -> list[int]:
+    """The processes that started this rank: DeepSpeed's per-node ``launch`` and, on the node where
+    the user typed ``deepspeed``, its runner above it (or just the parent, for other launchers)."""
+    chain, pid = [], os.getppid()
+    while pid > 1 and "deepspeed" in _cmdline(pid):
+        chain.append(pid)
+        pid = _parent_of(pid)
+    return chain or ([os.getppid()] if os.getppid() > 1 else [])
+
+
+def _end_with_launcher() -> None:
+    """Send this rank SIGTERM as soon as a process that launched it is gone. A ``deepspeed`` command
+    killed with SIGKILL (an OOM killer, a scheduler, ``kill -9``) can forward nothing: its per-node
+    ``launch`` process and the ranks would run on as orphans, holding GPUs and the run directory.
+    Watched from a daemon thread once a second; the SIGTERM handler unwinds the rank, prints the resume
+    hint and releases the run lock."""
+    global _WATCHING
+    if _WATCHING or sys.platform != "linux":
+        return
+    _WATCHING = True
+    from megatie.runlock import process_start_time
+
+    watched = {pid: process_start_time(pid) for pid in _launcher_chain()}
+
+    def watch():
+        while all(process_start_time(pid) == start for pid, start in watched.items()):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="megatie-launcher-watch", daemon=True).start()
+
+
+_WATCHING = False
+
+
 def init_deepspeed_distributed(local_rank: int | None = None, timeout_s: int = 600) -> RankSync:
     """Start the process group the way DeepSpeed does (NCCL on GPUs, gloo on CPUs), with a timeout
     after which a stuck collective raises instead of waiting forever."""
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by a launcher
+        _end_with_launcher()
     _single_process_env(local_rank)
     import deepspeed
     from deepspeed.accelerator import get_accelerator

@@ -20,3 +20,7 @@ class DataError(MegatieError):
 
 class CheckpointError(MegatieError):
     """A checkpoint that is missing, corrupt or does not match the run."""
+
+
+class DivergedError(MegatieError):
+    """Training produced a non-finite loss or weights; the run stops before saving them."""

@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 
 from megatie.agent import AgentConfig, QLearningAgent
+# Policy names and descriptions are defined torch-free (for the launcher's parser) and re-exported here.
+from megatie.choices import GROW_LAYOUTS, POLICIES  # noqa: F401
 from megatie.errors import ConfigError
 from megatie.state import (
     action_for_state,
@@ -161,9 +163,6 @@ def divisor_chain(final: int) -> list[int]:
     return chain
 
 
-GROW_LAYOUTS = ("contiguous", "cyclic")
-
-
 class GrowPolicy(TyingPolicy):
     """A fixed schedule, no learning: every block shares block 0's weights (an ALBERT-like stack,
     all of it trained) until a fraction ``start`` of training, then the stack is split, in equal
@@ -265,25 +264,6 @@ def load_reference_run(run_dir: str) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot read reference run {run_dir!r}: {e}") from None
     return {"summary": summary, "states": states}
-
-
-POLICIES = {
-    "conventional": "no tying: every block trains its own weights",
-    "qlearning": "the paper's Q-learning agent (frozen start, eps-greedy, TD updates), as published",
-    "vanilla": "(i) conventional with as many blocks as the reference run ended with",
-    "static": "(ii) the reference run's final tie map (or --static-state) from the start",
-    "replay-permuted": "(iii) the reference run's states under a fixed permutation of blocks",
-    "replay": "(iv) the reference run's states, replayed without Q",
-    "replicate-only": "(v) replicate weights at decisions but never tie",
-    "all-trainable": "(vi) Q-learning with every block trainable at init (no frozen phase)",
-    "cycle": "(vii) block L/2+i tied to block i",
-    "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
-    "sequence": "(ix) block 2m+1 tied to block 2m",
-    "alternate": "block i tied to block i mod 2 (two independent blocks); the default: the measured "
-                 "recommendation for a budget of 1/3 of conventional's trainable parameters",
-    "grow": "all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
-            "in equal stages after --grow-start of training (no learning)",
-}
 
 
 def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentConfig | None = None,

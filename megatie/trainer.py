@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -18,23 +19,23 @@ import torch
 from tqdm.auto import tqdm
 
 from megatie.agent import AgentConfig
-from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, resolve_resume, step_name
+from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, step_name
 from megatie.config import TrainConfig
 from megatie.controller import TieController
 from megatie.data import build_lm_data
 from megatie.distributed import RankSync, param_checksum
 from megatie.engines import build_engine
-from megatie.errors import CheckpointError, ConfigError
+from megatie.errors import CheckpointError, ConfigError, DivergedError
 from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
 from megatie.models import build_gpt2
 from megatie.policies import build_policy, load_reference_run
+from megatie.resume import (check_engine, check_max_steps, check_settings, check_timeline, choose_checkpoint,
+                            set_aside_damaged, truncate_metrics)
 from megatie.state import num_independent
 from megatie.tying import LayerTying, count_parameters, unique_parameters
 
-# Config fields that must match between a checkpoint and the run that resumes it.
-_STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
 _RANK_STREAM = 7919
 
@@ -58,7 +59,7 @@ class Trainer:
         self.cfg = cfg = cfg.resolved()
         torch.manual_seed(cfg.seed)
         # Read the checkpoint first: a bad one fails before any expensive setup.
-        checkpoint = load_checkpoint(resolve_resume(cfg.resume, cfg.out_dir)) if cfg.resume else None
+        checkpoint = self._open_checkpoint() if cfg.resume else None
 
         self.data = build_lm_data(
             train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
@@ -95,7 +96,7 @@ class Trainer:
         self.loader = self.data.train_loader(cfg.batch_size, cfg.seed, rank, world_size)
         self.step = 0
         self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
-                      "step_time": 0.0, "regroup_time": 0.0, "regroups": 0,
+                      "step_time": 0.0, "regroup_time": 0.0, "regroups": 0, "skipped_steps": 0,
                       "best_val_ppl": math.inf, "test_ppl_at_best_val": None}
 
         if checkpoint is None:
@@ -104,14 +105,18 @@ class Trainer:
             self._restore_structure(checkpoint)
         self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
         if checkpoint is not None:
-            # A DeepSpeed engine loads its own files from the checkpoint directory.
-            self.engine.load_state_dict({**checkpoint[1],
-                                        "checkpoint_dir": resolve_resume(cfg.resume, cfg.out_dir)})
+            # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
+            self.engine.load_state_dict({**checkpoint[1], "checkpoint_dir": self.resumed_from})
         self.is_main = rank == 0
-        self.logger = MetricsLogger(cfg.out_dir, enabled=self.is_main)
+        if self.is_main and checkpoint is not None:
+            self.resume_record["metrics_rows_dropped"] = truncate_metrics(cfg.out_dir, self.step)
+        self.logger = MetricsLogger(cfg.out_dir, enabled=self.is_main,
+                                    resumed_step=self.step if checkpoint is not None else None)
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             write_json_atomic(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+            if checkpoint is not None:
+                self.logger.log(self.resume_record, self.step)
 
     # ------------------------------------------------------------------ pieces of a step
     def _reward_loss(self) -> float:
@@ -143,29 +148,47 @@ class Trainer:
         return math.exp(min(total / max(count, 1), 80.0))
 
     # ------------------------------------------------------------------ checkpoints
+    def _open_checkpoint(self):
+        """The checkpoint to resume from, verified; damaged newer ones (auto) are set aside, named."""
+        cfg = self.cfg
+        path, skipped = choose_checkpoint(cfg.resume, cfg.out_dir, self.sync)
+        if skipped and self.sync.is_main:
+            set_aside_damaged(skipped, lambda line: print(line, file=sys.stderr, flush=True))
+        self.sync.barrier()
+        checkpoint = load_checkpoint(path)
+        step = int(checkpoint[2]["step"])
+        check_engine(checkpoint[1], cfg, self.world_size)
+        check_timeline(path, step, cfg.out_dir)
+        check_max_steps(step, cfg.max_steps)
+        self.resumed_from = path
+        self.resume_record = {"event": "resume", "step": step, "checkpoint": os.path.abspath(path),
+                              "skipped": [os.path.basename(p) for p, _ in skipped]}
+        return checkpoint
+
     def _trainer_state(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "loader": self.loader.state_dict(),
                 # Collective: each rank draws reward batches from its own stream, so all are saved.
                 "reward_generators": self.sync.gather(self.reward_generator.get_state()),
                 "torch_rng": torch.get_rng_state(),
                 "stats": {k: (None if v is None else float(v)) for k, v in self.stats.items()},
-                "config": {k: getattr(self.cfg, k) for k in _STRUCTURAL}, "world_size": self.world_size}
+                "settings": asdict(self.cfg), "world_size": self.world_size}
 
     def save(self, name: str | None = None) -> str:
         """Every rank writes its part (DeepSpeed) or rank 0 writes all (torch); atomically either way."""
+        self._check_finite_weights()
         root = os.path.join(self.cfg.out_dir, "checkpoints")
-        path = self.engine.save_checkpoint(root, name or step_name(self.step), self._trainer_state())
+        path = self.engine.save_checkpoint(root, name or step_name(self.step), self.step, self._trainer_state())
         if name is None and self.is_main:
             prune_checkpoints(root, self.cfg.keep_checkpoints)
         return path
 
     def _restore_structure(self, checkpoint) -> None:
         tensors, _, state = checkpoint
-        saved = state.get("config", {})
-        for key in _STRUCTURAL:
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"checkpoint was made with {key}={saved[key]!r}, this run has "
-                                      f"{getattr(self.cfg, key)!r}")
+        changed = check_settings(state["settings"], asdict(self.cfg), self.cfg.allow_changed)
+        self.resume_record["overrides"] = changed
+        if changed and self.sync.is_main:
+            print("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+                  file=sys.stderr, flush=True)
         self.controller.load_state_dict(state["controller"])
         load_model_tensors(self.model, tensors)
         self.step = int(state["step"])
@@ -194,6 +217,7 @@ class Trainer:
                 batches = [next(self.loader) for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss = self.engine.train_step(batches)  # returns a float: the step has finished
+                self._check_finite_loss(loss)
                 self.stats["step_time"] += time.perf_counter() - t0
                 self.step += 1
                 self.stats["trainable_sum"] += trainable
@@ -228,6 +252,25 @@ class Trainer:
             write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
         self.logger.close()
         return summary
+
+    def _check_finite_loss(self, loss: float) -> None:
+        """A non-finite loss ends the run, before anything diverged is saved - unless fp16's loss
+        scaler caught it and skipped the step (then it lowers the scale and training goes on)."""
+        if math.isfinite(loss):
+            return
+        if self.engine.step_skipped():
+            self.stats["skipped_steps"] += 1
+            return
+        raise DivergedError(f"training diverged: the loss is {loss} at step {self.step + 1}; nothing after the last "
+                            "checkpoint was saved. Lower --lr or raise --warmup-steps, then resume with "
+                            "--resume auto --allow-changed lr,warmup_steps")
+
+    def _check_finite_weights(self) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise DivergedError(f"training diverged: {bad[0]} holds non-finite values at step {self.step}; it was "
+                                "not saved. Lower --lr or raise --warmup-steps, then resume with --resume auto "
+                                "--allow-changed lr,warmup_steps")
 
     def _tokens_per_second(self) -> float:
         return self.stats["tokens"] / max(self.stats["train_time"], 1e-9)

@@ -1,8 +1,11 @@
 """Data pipeline tests on the embedded corpus and generated files (no network, no shared data)."""
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+import operator
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +249,77 @@ def test_shard_size_mismatch(text_file, tmp_path):
         f.truncate(shard.stat().st_size - 2)
     with pytest.raises(DataError, match="has .* bytes but meta.json says"):
         build_lm_data(data_dir=out)
+
+
+@pytest.fixture(scope="module")
+def prepared(text_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prepared")
+    return prepare(make_corpus([str(text_file)]), tmp / "D", vocab_size=512, cache_dir=tmp, num_workers=0)
+
+
+def test_out_of_vocabulary_ids_are_refused(prepared, tmp_path, monkeypatch):
+    out = Path(shutil.copytree(prepared, tmp_path / "D"))
+    shard = out / "train-00000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    assert int(ids.max()) < 512
+    monkeypatch.setattr(shards_mod, "SCAN_TOKENS", 1000)  # the bad id lies past the first steps of the scan
+    with open(shard, "r+b") as f:
+        f.seek(2 * 4321)
+        f.write(b"\xff" * 6)                               # ids 4321..4323 become 65535
+    with pytest.raises(DataError) as ei:
+        build_lm_data(data_dir=out, seq_len=32)
+    msg = str(ei.value)
+    assert f"shard {shard} holds token id 65535 at position 4321" in msg and "vocabulary size 512" in msg
+    ids[:] = 511                                        # the largest valid id passes
+    ids.tofile(shard)
+    assert build_lm_data(data_dir=out, seq_len=32).num_tokens("train") > 1000
+
+
+@pytest.mark.parametrize("path, needle", [
+    (("dtype",), "has no 'dtype'"),
+    (("vocab_size",), "has no 'vocab_size'"),
+    (("shards",), "has no 'shards'"),
+    (("shards", 0, "num_tokens"), "has no 'num_tokens' in shards[0]"),
+    (("splits", "train", "segments", 0, "offset"), "has no 'offset' in splits['train'].segments[0]"),
+    (("tokenizer", "name"), "has no 'name' in 'tokenizer'"),
+    (("format",), "has no 'format'"),
+])
+def test_meta_without_a_key_names_it(prepared, tmp_path, path, needle):
+    out = Path(shutil.copytree(prepared, tmp_path / "D"))
+    meta = json.loads((out / "meta.json").read_text())
+    functools.reduce(operator.getitem, path[:-1], meta).pop(path[-1])
+    (out / "meta.json").write_text(json.dumps(meta))
+    for attempt in (lambda: build_lm_data(data_dir=out, seq_len=32), lambda: open_tokens(out)):
+        with pytest.raises(DataError) as ei:
+            attempt()
+        assert str(ei.value).startswith(f"{out} is damaged: its meta.json {needle}")
+
+
+def test_meta_with_wrong_values(prepared, tmp_path):
+    out = Path(shutil.copytree(prepared, tmp_path / "D"))
+    good = json.loads((out / "meta.json").read_text())
+    for change, needle in [
+        (lambda m: m.update(dtype="float32"), "'dtype' = 'float32', not uint16 or uint32"),
+        (lambda m: m["shards"][0].update(num_tokens="12"), "'num_tokens' in shards[0] = '12', not a non-negative"),
+        (lambda m: m["splits"]["valid"]["segments"][0].update(file="nope.bin"), "names shard 'nope.bin'"),
+        (lambda m: m["splits"]["valid"]["segments"][0].update(length=10 ** 9), "past the"),
+    ]:
+        meta = json.loads(json.dumps(good))
+        change(meta)
+        (out / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match="is damaged") as ei:
+            open_tokens(out)
+        assert needle in str(ei.value)
+
+
+def test_launcher_reports_a_damaged_directory(prepared, text_file, tmp_path):
+    out = Path(shutil.copytree(prepared, tmp_path / "D"))
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["splits"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    r = run_launcher("--train-file", text_file, "--vocab-size", 512, "--out-dir", out, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == f"error: {out} is damaged: its meta.json has no 'splits'; delete it and prepare again\n"
 
 
 # ----------------------------------------------------------------------------- errors

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -72,3 +74,49 @@ def test_empty_and_too_short_corpus(tmp_path, cache_dir):
     line = one_line_error(launch("--train-file", str(short), "--out-dir", str(tmp_path / "c"), "--vocab-size", "64",
                                  cache_dir=cache_dir))
     assert "--vocab-size 64 is too small" in line and "needs at least" in line
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unsupported_half_precision_is_one_line(tmp_path, cache_dir):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip(f"DeepSpeed's {get_accelerator().device_name()} accelerator supports fp16 here")
+    env = {k: v for k, v in os.environ.items() if k != "MEGATIE_DEBUG"}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    r = subprocess.run([sys.executable, LAUNCHER, "--deepspeed", "ds_configs/zero2_fp16.json", "--out-dir",
+                        str(tmp_path / "run"), "--cache-dir", cache_dir], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    line = one_line_error(r)
+    assert r.returncode == 2
+    assert "ds_configs/zero2_fp16.json asks for fp16" in line and "ds_configs/zero2.json (fp32)" in line
+
+
+def test_sigterm_prints_the_resume_hint(tmp_path, cache_dir):
+    # The deepspeed launcher answers Ctrl-C by sending SIGTERM to its ranks.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "MEGATIE_DEBUG"}
+    p = subprocess.Popen([sys.executable, LAUNCHER, "--max-steps", "100000", "--out-dir", str(out), "--no-progress",
+                          "--cache-dir", cache_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted; the last checkpoint is intact (resume with --resume auto)"
+    assert p.returncode == 130

@@ -104,13 +104,13 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, cache_dir):
     with pytest.raises(CheckpointError, match="truncated"):
         Trainer(small_config(run, cache_dir, resume=str(broken)))
     (broken / "meta.json").unlink()
-    with pytest.raises(CheckpointError, match="meta.json"):
+    with pytest.raises(CheckpointError, match="has no readable meta.json"):
         Trainer(small_config(run, cache_dir, resume=str(broken)))
     garbage = tmp_path / "garbage"
     shutil.copytree(ckpt, garbage)
     size = os.path.getsize(garbage / "trainer.pt")
     (garbage / "trainer.pt").write_bytes(b"\0" * size)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="trainer.pt' fails its SHA-256 check"):
         Trainer(small_config(run, cache_dir, resume=str(garbage)))
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Trainer(small_config(tmp_path / "empty", cache_dir, resume="auto"))

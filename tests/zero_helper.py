@@ -7,6 +7,9 @@ gradient-hook count of every trainable tensor and the decision records. A run th
 user-facing error prints one ``error:`` line and exits with status 2, as the launcher does.
 
 ``MEGATIE_TEST_WAVE_MESSAGES`` caps the messages of one point-to-point wave of a regroup.
+``MEGATIE_TEST_PAUSE_IN_SAVE=STEP``: while writing the checkpoint of STEP, every rank pauses (for a
+kill) after writing its optimizer slice, before rank 0 seals the directory, and says so in a file
+``paused-rank<R>`` under ``$MEGATIE_TEST_OUT``.
 Faults for the rank-agreement tests, injected on rank 1 only (environment variables):
 - ``MEGATIE_TEST_RANK1_ARGS``: extra flags for rank 1 (e.g. ``--seed 99``);
 - ``MEGATIE_TEST_RANK1_REWARD_OFFSET``: added to every reward loss rank 1 measures;
@@ -129,6 +132,24 @@ def _inject_rank1_faults(trainer) -> None:
         controller.regroup = nudged
 
 
+def _pause_in_save(trainer, step: int) -> None:
+    import time
+
+    import megatie.engines.deepspeed_engine as deepspeed_engine
+
+    save_slice = deepspeed_engine.save_zero_slice
+
+    def paused(optimizer, rank, path):
+        save_slice(optimizer, rank, path)
+        if trainer.step == step:
+            out = os.environ["MEGATIE_TEST_OUT"]
+            os.makedirs(out, exist_ok=True)
+            open(os.path.join(out, f"paused-rank{rank}"), "w").close()
+            time.sleep(15)  # long enough for the test to kill; then the survivors carry on and notice
+
+    deepspeed_engine.save_zero_slice = paused
+
+
 def run(argv) -> None:
     from megatie.cli import build_parser, config_from_args
     from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
@@ -156,6 +177,8 @@ def _train_and_record(cfg, sync) -> None:
     from megatie.trainer import Trainer
 
     trainer = Trainer(cfg, sync=sync)
+    if os.environ.get("MEGATIE_TEST_PAUSE_IN_SAVE"):
+        _pause_in_save(trainer, int(os.environ["MEGATIE_TEST_PAUSE_IN_SAVE"]))
     if sync.rank == 1:
         _inject_rank1_faults(trainer)
     losses = record_losses(trainer)

@@ -34,6 +34,7 @@ FORMAT = "megatie-tokens/1"
 SHARD_TOKENS = 1 << 27          # 128M tokens: 256 MB per uint16 shard
 SMALL_CORPUS = 16 << 20         # bytes of text below which tokenizing in-process is faster
 TASK_CHARS = 1 << 20            # text per worker task; large enough to amortise IPC
+SCAN_TOKENS = 1 << 26           # ids per step of the range check: 128 MiB of uint16 in memory at most
 _WORKER_TOK = None
 
 
@@ -186,10 +187,75 @@ def read_meta(out_dir: Path) -> dict | None:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         raise DataError(f"{path} is unreadable or corrupt; delete {out_dir} and prepare again") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{out_dir} was prepared by an incompatible version ({meta.get('format')}); "
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise DataError(f"{out_dir} is damaged: its meta.json has no 'format'; delete it and prepare again")
+    if meta["format"] != FORMAT:
+        raise DataError(f"{out_dir} was prepared by an incompatible version ({meta['format']}); "
                         "prepare it again into a new directory")
+    _check_meta(meta, out_dir)
     return meta
+
+
+def _check_meta(meta: dict, out_dir) -> None:
+    """Every entry that loading reads, present and of the right type, so a damaged meta.json ends in
+    one DataError naming the directory and the key instead of a KeyError deep in the loader."""
+    def damaged(what: str) -> DataError:
+        return DataError(f"{out_dir} is damaged: its meta.json {what}; delete it and prepare again")
+
+    def need(obj: dict, key: str, kind, where: str = ""):
+        if key not in obj:
+            raise damaged(f"has no {key!r}{where}")
+        value = obj[key]
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) if kind is int \
+            else isinstance(value, kind)
+        if not ok:
+            name = "a non-negative integer" if kind is int else f"a {kind.__name__}"
+            raise damaged(f"has {key!r}{where} = {value!r}, not {name}")
+        return value
+
+    if need(meta, "dtype", str) not in ("uint16", "uint32"):
+        raise damaged(f"has 'dtype' = {meta['dtype']!r}, not uint16 or uint32")
+    need(meta, "vocab_size", int)
+    need(meta, "num_tokens", int)
+    tok = need(meta, "tokenizer", dict)
+    for key in ("kind", "file", "name"):
+        need(tok, key, str, " in 'tokenizer'")
+    lengths = {}
+    for i, shard in enumerate(need(meta, "shards", list)):
+        where = f" in shards[{i}]"
+        if not isinstance(shard, dict):
+            raise damaged(f"has shards[{i}] = {shard!r}, not an object")
+        lengths[need(shard, "file", str, where)] = need(shard, "num_tokens", int, where)
+    for name, split in need(meta, "splits", dict).items():
+        if not isinstance(split, dict):
+            raise damaged(f"has splits[{name!r}] = {split!r}, not an object")
+        need(split, "num_tokens", int, f" in splits[{name!r}]")
+        for j, seg in enumerate(need(split, "segments", list, f" in splits[{name!r}]")):
+            where = f" in splits[{name!r}].segments[{j}]"
+            if not isinstance(seg, dict):
+                raise damaged(f"has {where[4:]} = {seg!r}, not an object")
+            file = need(seg, "file", str, where)
+            end = need(seg, "offset", int, where) + need(seg, "length", int, where)
+            if file not in lengths:
+                raise damaged(f"names shard {file!r}{where}, which is not among its shards")
+            if end > lengths[file]:
+                raise damaged(f"has {where[4:]} ending at token {end}, past the {lengths[file]} tokens "
+                              f"of {file}")
+
+
+def check_token_ids(path, ids: np.ndarray, vocab_size: int) -> None:
+    """Raise DataError if any id in ``ids`` (a shard) is ``>= vocab_size``: a shard overwritten or
+    mixed up with another corpus would otherwise surface as an index error inside the embedding, or,
+    on a GPU, as a device-side assert that names nothing. Cost: one read of the shard, in steps of
+    ``SCAN_TOKENS`` ids so memory stays bounded whatever its size; about 0.1 s per GB from the page
+    cache, disk speed on a cold cache (which it warms for training)."""
+    for lo in range(0, len(ids), SCAN_TOKENS):
+        chunk = ids[lo:lo + SCAN_TOKENS]
+        if int(chunk.max()) >= vocab_size:
+            at = int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"shard {path} holds token id {int(chunk[at])} at position {lo + at}, not below the "
+                            f"vocabulary size {vocab_size}; the shard is corrupt: delete its directory and "
+                            "prepare again")
 
 
 def request_key(corpus: Corpus, tokenizer: str, vocab_size: int) -> tuple[dict, str]:
@@ -306,6 +372,8 @@ def open_tokens(out_dir) -> tuple[dict, object, dict[str, list[np.ndarray]]]:
                             f"delete {out_dir} and prepare again")
         maps[s["file"]] = (np.memmap(path, dtype=dtype, mode="r") if want
                            else np.zeros(0, dtype=dtype))
+        # Once per shard per open: every process that trains on the data (each rank) checks it.
+        check_token_ids(path, maps[s["file"]], meta["vocab_size"])
     splits = {name: [maps[g["file"]][g["offset"]:g["offset"] + g["length"]] for g in sp["segments"]]
               for name, sp in meta["splits"].items()}
     t = meta["tokenizer"]

@@ -28,16 +28,17 @@ The rebuild calls DeepSpeed's ``DeepSpeedEngine._configure_optimizer`` / ``_conf
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
 
-from megatie.checkpoint import replace_dir, seal_checkpoint_dir, unique_state_dict
+from megatie.checkpoint import (file_record, replace_dir, seal_checkpoint_dir, start_checkpoint_dir, write_shared_files,
+                                zero_file)
 from megatie.distributed import RankSync
 from megatie.engines.ds_config import engine_config, zero_stage_of
+from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
 from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, held_state_bytes,
                                         inner_optimizer)
 from megatie.errors import CheckpointError, ConfigError
@@ -49,6 +50,8 @@ from megatie.tying import unique_parameters
 _DS_PARAM_ATTRS = ("_hp_mapping", "grad_accum", "param_idx_in_group", "_index_in_param_group", "_dp_group",
                    "get_full_hp_param", "get_full_hp_grad", "set_full_hp_param", "set_full_hp_grad",
                    "load_hp_checkpoint_state")
+# DeepSpeed's step counters, restored on resume (micro_steps decides its accumulation boundaries).
+_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
 
 @contextmanager
@@ -223,52 +226,42 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.basic_optimizer.param_groups[0]["lr"]
 
+    def step_skipped(self) -> bool:
+        """Whether fp16's loss scaler skipped the last step (an overflow lowers the scale instead)."""
+        return self.precision == "fp16" and not self.engine.was_step_applied()
+
     def state_dict(self) -> dict:
-        """What megatie itself needs to rebuild the engine before DeepSpeed loads its checkpoint."""
+        """What every rank needs besides its own optimizer slice: the param-group layout to rebuild,
+        the schedule, the loss scale and DeepSpeed's step counters. Plain numbers and strings."""
+        e, schedule = self.engine, self._schedule_state()
+        scaler = schedule["loss_scaler"]
+        schedule["loss_scaler"] = None if scaler is None else {
+            k: v for k, v in scaler.items() if v is None or isinstance(v, (bool, int, float, str))}
         return {"deepspeed": {"layout": self.layout, "world_size": self.world_size, "stage": self.stage,
-                              "precision": self.precision}}
+                              "precision": self.precision, "schedule": schedule,
+                              "counters": {k: int(getattr(e, k)) for k in _COUNTERS}}}
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, root: str, name: str, trainer_state: dict) -> str:
-        """Write ``root/name`` through DeepSpeed on every rank, atomically as far as a directory
-        rename allows: DeepSpeed writes under a temporary tag; rank 0 adds megatie's files and
-        ``meta.json`` (sizes of every file, checked before loading), renames, then updates
-        ``latest`` last."""
-        os.makedirs(root, exist_ok=True)
-        tmp_tag = f".{name}.tmp"
-        tmp, final = os.path.join(root, tmp_tag), os.path.join(root, name)
+    def save_checkpoint(self, root: str, name: str, step: int, trainer_state: dict) -> str:
+        """Write ``root/name`` on every rank, atomically as far as a directory rename allows: each
+        rank writes its optimizer slice into a temporary directory and hashes it; rank 0 adds the
+        shared files and ``meta.json`` (size and SHA-256 of every file) and renames. Checkpoints
+        need a filesystem every rank sees."""
+        tmp = start_checkpoint_dir(root, name) if self.rank == 0 else None
+        tmp = self.sync.broadcast(tmp)
+        mine = os.path.join(tmp, zero_file(self.rank))
+        save_zero_slice(self.optimizer, self.rank, mine)
+        records = dict(self.sync.gather((zero_file(self.rank), file_record(mine))))
+        final = os.path.join(root, name)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        tdist.barrier()
-        self.engine.save_checkpoint(root, tag=tmp_tag, client_state={"megatie": trainer_state}, save_latest=False)
-        tdist.barrier()
-        if self.rank == 0:
-            from safetensors.torch import save_file
-
-            # Framework-free weights (each tied tensor once) and what the trainer restores first.
-            save_file(unique_state_dict(self.model), os.path.join(tmp, "model.safetensors"))
-            torch.save(self.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-            seal_checkpoint_dir(tmp, engine="deepspeed")
+            write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
+            seal_checkpoint_dir(tmp, records, step=step, engine="deepspeed", world_size=self.world_size)
             replace_dir(tmp, final)
-            self._write_latest(root, name)
-        tdist.barrier()
-        if self.rank != 0 and os.path.isdir(tmp):  # node-local storage: each node renames its own
-            replace_dir(tmp, final)
-        tdist.barrier()
+        self.sync.barrier()
         return final
 
-    @staticmethod
-    def _write_latest(root: str, name: str) -> None:
-        tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, "latest"))
-
     def load_state_dict(self, sd: dict) -> None:
-        """Rebuild with the checkpoint's param-group layout, then let DeepSpeed load it."""
+        """Rebuild with the checkpoint's param-group layout, then read this rank's optimizer slice."""
         info = sd.get("deepspeed") if isinstance(sd, dict) else None
         path = sd.get("checkpoint_dir") if isinstance(sd, dict) else None
         if not info or not path:
@@ -278,27 +271,25 @@ class DeepSpeedEngine:
             if info.get(key) != mine:
                 raise CheckpointError(f"checkpoint {path!r} was written with {key}={info.get(key)!r}, "
                                       f"this run has {mine!r}; resume with the same DeepSpeed setup")
+        self._release_optimizer()
+        self._rebuild_optimizer(self._layout_groups(info["layout"], path))
+        load_zero_slice(self.optimizer, self.rank, os.path.join(path, zero_file(self.rank)))
+        self._restore_schedule(info["schedule"])
+        for key, value in info["counters"].items():
+            setattr(self.engine, key, int(value))
+
+    def _layout_groups(self, layout: list[dict], path: str) -> list[tuple[int, list]]:
         by_name = dict(self.model.named_parameters())
         trainable = {id(p) for p in unique_parameters(self.model, trainable_only=True)}
         try:
-            groups = [(g["decay"], [by_name[n] for n in g["params"]]) for g in info["layout"]]
+            groups = [(g["decay"], [by_name[n] for n in g["params"]]) for g in layout]
         except KeyError as e:
             raise CheckpointError(f"checkpoint {path!r} names parameter {e} the model does not have") from None
         listed = [id(p) for _, params in groups for p in params]
         if sorted(listed) != sorted(trainable) or len(set(listed)) != len(listed):
             raise CheckpointError(f"checkpoint {path!r}: its optimizer layout does not match the model's "
                                   "trainable tensors")
-        self._release_optimizer()
-        self._rebuild_optimizer(groups)
-        root, tag = os.path.split(os.path.normpath(path))
-        try:
-            loaded, _ = self.engine.load_checkpoint(root, tag=tag, load_module_strict=True,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-        except Exception as e:  # DeepSpeed raises assorted types for truncated or foreign files
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {path!r}: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint at {path!r}")
+        return groups
 
     # ------------------------------------------------------------------ inspection (tests, benchmarks)
     def grad_hook_counts(self) -> dict[str, int]:

@@ -66,8 +66,12 @@ class TorchEngine:
         try:
             self.optimizer.load_state_dict(sd["optimizer"])
             self.scheduler.load_state_dict(sd["scheduler"])
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"optimizer state does not match the model: {e}") from None
 
-    def save_checkpoint(self, root: str, name: str, trainer_state: dict) -> str:
-        return save_checkpoint(root, name, self.model, self.state_dict(), trainer_state)
+    def step_skipped(self) -> bool:
+        """Whether the last step was skipped by a loss scaler (never: this engine has none)."""
+        return False
+
+    def save_checkpoint(self, root: str, name: str, step: int, trainer_state: dict) -> str:
+        return save_checkpoint(root, name, step, self.model, self.state_dict(), trainer_state)
