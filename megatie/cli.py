@@ -19,7 +19,7 @@ import traceback
 from contextlib import contextmanager
 
 from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
-from megatie.config import TrainConfig
+from megatie.config import FREE, TrainConfig
 from megatie.errors import ConfigError, MegatieError
 from megatie.runlock import RunLock
 
@@ -144,6 +144,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def given_flags(argv) -> set[str]:
+    """The settings the command line names explicitly (every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse keeps no record of which values were defaults
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """For a resumed run, the settings not given on the command line are unset (None), so that the
+    trainer takes them from the checkpoint: ``--resume auto`` alone continues the run as it was."""
+    values = {k: (v if k in given or k in FREE else None) for k, v in vars(cfg).items()}
+    return TrainConfig(**values)
+
+
 def _sigterm_to_interrupt(signum, frame):
     # One-shot: a repeated SIGTERM must not interrupt the unwinding the first one started (the
     # deepspeed launcher follows its SIGTERM with SIGKILL 30 s later if a rank hangs).
@@ -211,6 +226,20 @@ def check_out_dir(path: str) -> None:
         raise ConfigError(f"--out-dir {path} is not writable; choose another path")
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """Paths the run will read: missing ones fail here, before the heavy imports."""
+    from megatie.data.sources import resolve_files  # plain Python
+
+    for patterns in (cfg.train_files, cfg.valid_files):
+        if patterns:
+            resolve_files(patterns)
+    for flag, path in (("--data-dir", cfg.data_dir), ("--reference-run", cfg.reference_run)):
+        if path is not None and not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"{flag} {path} is not a directory; check the path")
+    if cfg.resume not in (None, "auto", "latest") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
+
+
 class _Hold:
     """A logging filter that keeps the records it stops."""
 
@@ -258,18 +287,20 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 def train_main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config_from_args(build_parser().parse_args(argv))
     # Validate everything (a bad DeepSpeed config included) before any process group exists; the
     # Trainer resolves the config again itself.
     resolved = cfg.resolved()
     check_out_dir(resolved.out_dir)
+    check_inputs(resolved)
     # One run per out-dir, held by the (global) rank 0 process, taken before the heavy imports so
     # that a second run is refused at once.
     lock = RunLock(resolved.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
         if resolved.uses_deepspeed:
             check_precision(resolved)
-        summary = _train(cfg)
+        summary = _train(resume_config(cfg, given_flags(argv)) if cfg.resume else cfg)
     finally:
         if lock is not None:
             lock.release()

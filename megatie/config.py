@@ -14,6 +14,16 @@ from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS
 from megatie.errors import ConfigError
 
 
+# Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
+STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
+# Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
+FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
+                  "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
+                  "peak_tflops", "cache_dir", "deepspeed",
+                  # engine settings: the engine checks what must match (ZeRO stage, precision, ranks)
+                  "deepspeed_config", "precision"})
+
+
 @dataclass
 class TrainConfig:
     # run

@@ -7,27 +7,20 @@
   out-dir is refused (it would overwrite the later checkpoints and metrics); resume into a new
   ``--out-dir`` to branch. On resume, ``metrics.jsonl`` is cut back to the checkpoint's step so
   that no row appears twice after a crash.
-- Settings that change the training trajectory must match the checkpoint's, unless named in
-  ``--allow-changed``; the overrides are logged. The model and tie structure never change.
+- Settings left unset on the command line are the checkpoint's. Settings that change the training
+  trajectory must match the checkpoint's, unless named in ``--allow-changed``; the overrides are
+  logged. The model and tie structure never change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 from megatie.checkpoint import SHARED_FILES, list_checkpoints, read_meta, set_aside, verify_files, zero_file
+from megatie.config import FREE, STRUCTURAL
 from megatie.errors import CheckpointError, ConfigError
-
-# Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
-STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
-# Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
-FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
-                  "peak_tflops", "cache_dir", "deepspeed",
-                  # engine settings: the engine checks what must match (ZeRO stage, precision, ranks)
-                  "deepspeed_config", "precision"})
-
 
 def _problem_for_rank(path: str, rank: int) -> str | None:
     """Rank 0 verifies the files every rank reads, each rank its own ZeRO slice: the checkpoint is
@@ -110,6 +103,17 @@ def check_max_steps(step: int, max_steps: int) -> None:
     if max_steps <= step:
         raise ConfigError(f"the checkpoint is at step {step} and --max-steps is {max_steps}: nothing left "
                           f"to train (raise --max-steps and add --allow-changed max_steps)")
+
+
+def adopt_unset(cfg, saved: dict):
+    """``cfg`` with every setting the command line left unset (None: sizes, lr, max-steps, warmup...)
+    taken from the checkpoint, so that ``--resume auto`` alone continues the run as it was and a
+    flag given is a change (which ``check_settings`` then refuses unless allowed)."""
+    values = dataclasses.asdict(cfg)
+    for key, value in values.items():
+        if value is None and key not in FREE and saved.get(key) is not None:
+            values[key] = saved[key]
+    return type(cfg)(**values)
 
 
 def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:

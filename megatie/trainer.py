@@ -29,10 +29,9 @@ from megatie.errors import CheckpointError, ConfigError, DivergedError
 from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
-from megatie.models import build_gpt2
 from megatie.policies import build_policy, load_reference_run
-from megatie.resume import (check_engine, check_max_steps, check_settings, check_timeline, choose_checkpoint,
-                            set_aside_damaged, truncate_metrics)
+from megatie.resume import (adopt_unset, check_engine, check_max_steps, check_settings, check_timeline,
+                            choose_checkpoint, set_aside_damaged, truncate_metrics)
 from megatie.state import num_independent
 from megatie.tying import LayerTying, count_parameters, unique_parameters
 
@@ -50,6 +49,11 @@ class Trainer:
         self.sync = sync or RankSync()
         rank, world_size = self.rank, self.world_size = self.sync.rank, self.sync.world_size
         self.device = device or self.sync.device
+        # Read the checkpoint first: a bad one fails before any expensive setup, and settings left
+        # unset on the command line continue as the checkpoint had them.
+        checkpoint = self._open_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None
+        if checkpoint is not None:
+            cfg = adopt_unset(cfg, checkpoint[2]["settings"])
         reference = load_reference_run(cfg.reference_run) if cfg.reference_run else None
         if cfg.tie_policy == "vanilla":
             layers = cfg.vanilla_layers or (reference or {}).get("summary", {}).get("final_independent_layers")
@@ -58,8 +62,8 @@ class Trainer:
             cfg.n_layer = int(layers)
         self.cfg = cfg = cfg.resolved()
         torch.manual_seed(cfg.seed)
-        # Read the checkpoint first: a bad one fails before any expensive setup.
-        checkpoint = self._open_checkpoint() if cfg.resume else None
+        if checkpoint is not None:
+            self._check_checkpoint_fits(checkpoint)
 
         self.data = build_lm_data(
             train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
@@ -68,6 +72,8 @@ class Trainer:
             barrier=self.sync.barrier)
         # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
         cfg.vocab_size = self.data.vocab_size
+
+        from megatie.models import build_gpt2  # transformers: seconds of imports, once checkpoint and data are good
 
         self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
                                 cfg.dropout, seed=cfg.seed, device=self.device)
@@ -148,22 +154,23 @@ class Trainer:
         return math.exp(min(total / max(count, 1), 80.0))
 
     # ------------------------------------------------------------------ checkpoints
-    def _open_checkpoint(self):
+    def _open_checkpoint(self, spec: str, out_dir: str):
         """The checkpoint to resume from, verified; damaged newer ones (auto) are set aside, named."""
-        cfg = self.cfg
-        path, skipped = choose_checkpoint(cfg.resume, cfg.out_dir, self.sync)
+        path, skipped = choose_checkpoint(spec, out_dir, self.sync)
         if skipped and self.sync.is_main:
             set_aside_damaged(skipped, lambda line: print(line, file=sys.stderr, flush=True))
         self.sync.barrier()
         checkpoint = load_checkpoint(path)
-        step = int(checkpoint[2]["step"])
-        check_engine(checkpoint[1], cfg, self.world_size)
-        check_timeline(path, step, cfg.out_dir)
-        check_max_steps(step, cfg.max_steps)
         self.resumed_from = path
-        self.resume_record = {"event": "resume", "step": step, "checkpoint": os.path.abspath(path),
+        self.resume_record = {"event": "resume", "step": int(checkpoint[2]["step"]), "checkpoint": os.path.abspath(path),
                               "skipped": [os.path.basename(p) for p, _ in skipped]}
         return checkpoint
+
+    def _check_checkpoint_fits(self, checkpoint) -> None:
+        step, cfg = self.resume_record["step"], self.cfg
+        check_engine(checkpoint[1], cfg, self.world_size)
+        check_timeline(self.resumed_from, step, cfg.out_dir)
+        check_max_steps(step, cfg.max_steps)
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "loader": self.loader.state_dict(),

@@ -174,3 +174,17 @@ def test_summary_is_strict_json(finished_run):
     assert summary["steps"] == 12
     for line in open(finished_run / "metrics.jsonl"):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_resume_auto_alone_continues_the_run_as_it_was(finished_run, tmp_path, cache_dir):
+    """Only the flags given are changes: sizes, seed, policy, lr... come from the checkpoint."""
+    from megatie.cli import run_main, train_main
+
+    run = copy_run(finished_run, tmp_path)
+    assert run_main(train_main, ["--out-dir", str(run), "--resume", "auto", "--max-steps", "14", "--allow-changed",
+                                 "max_steps", "--no-progress", "--cache-dir", cache_dir]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["n_layer"], saved["n_embd"], saved["seed"], saved["max_steps"], saved["warmup_steps"]) == (4, 32, 7, 14, 1)
+    assert strict_json(run / "summary.json")["steps"] == 14
+    assert run_main(train_main, ["--out-dir", str(run), "--resume", "auto", "--seed", "8", "--max-steps", "16",
+                                 "--allow-changed", "max_steps", "--no-progress", "--cache-dir", cache_dir]) == 2
