@@ -232,6 +232,9 @@ HEAVY = [  # read a checkpoint or prepared data first: a few seconds each
     ("shard-overwritten-0xff", "holds token id 65535", _damaged_shard),
     ("shard-meta-missing-dtype", "has no 'dtype'", lambda p: _meta_without(p, "dtype")),
     ("empty-corpus", "empty", lambda p: ["--train-file", p.file("empty.txt", "")]),
+    ("static-state-out-of-range", "out of range", ["--tie-policy", "static", "--static-state", "0,5,0,0"]),
+    ("replay-without-reference", "--reference-run", ["--tie-policy", "replay"]),
+    ("vanilla-without-layers", "--vanilla-layers", ["--tie-policy", "vanilla"]),
 ]
 
 

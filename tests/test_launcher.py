@@ -44,23 +44,6 @@ def one_line_error(r):
     return lines[0]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--train-file", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
-    (["--n-layer", "0"], "--n-layer"),
-    (["--n-layer", "abc"], "--n-layer"),
-    (["--preset", "gigantic"], "gigantic"),
-    (["--tie-policy", "telepathy"], "telepathy"),
-    (["--tie-mode", "glue"], "glue"),
-    (["--static-state", "0,x"], "--static-state"),
-    (["--tie-policy", "static", "--n-layer", "2", "--static-state", "0,2"], "out of range"),
-    (["--tie-policy", "replay"], "--reference-run"),
-    (["--resume", "/nonexistent/ckpt"], "does not exist"),
-])
-def test_bad_input_is_one_clear_line(tmp_path, cache_dir, args, needle):
-    line = one_line_error(launch("--out-dir", str(tmp_path / "run"), "--max-steps", "2", *args, cache_dir=cache_dir))
-    assert needle in line
-
-
 def test_empty_and_too_short_corpus(tmp_path, cache_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
