@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,6 +29,7 @@ def _bench_dirs():
     return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("megatie-bench-")}
 
 
+@pytest.mark.slow  # about 20 s: two measured runs
 def test_memory_benchmark_honours_checkpointing_and_leaves_nothing(tmp_path):
     before = _bench_dirs()
     out = tmp_path / "memory.json"

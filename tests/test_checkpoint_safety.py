@@ -188,3 +188,25 @@ def test_resume_auto_alone_continues_the_run_as_it_was(finished_run, tmp_path, c
     assert strict_json(run / "summary.json")["steps"] == 14
     assert run_main(train_main, ["--out-dir", str(run), "--resume", "auto", "--seed", "8", "--max-steps", "16",
                                  "--allow-changed", "max_steps", "--no-progress", "--cache-dir", cache_dir]) == 2
+
+
+def test_every_damaged_byte_range_is_refused(finished_run, tmp_path, cache_dir):
+    """16 bytes changed at 8 places in every file of a checkpoint, one place at a time: all refused."""
+    import random
+
+    run = copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoints" / "step_00000012"
+    rng, refused, tried = random.Random(0), 0, 0
+    for fname in sorted(json.loads((ckpt / "meta.json").read_text())["files"]):
+        pristine = (ckpt / fname).read_bytes()
+        for _ in range(8):
+            at = rng.randrange(0, len(pristine) - 16)
+            damaged = bytearray(pristine)
+            damaged[at:at + 16] = bytes((b ^ 0x5A) for b in damaged[at:at + 16])
+            (ckpt / fname).write_bytes(bytes(damaged))
+            tried += 1
+            with pytest.raises(CheckpointError, match="fails its SHA-256 check"):
+                Trainer(config(run, cache_dir, resume=str(ckpt), max_steps=16, allow_changed=["max_steps"]))
+            refused += 1
+        (ckpt / fname).write_bytes(pristine)
+    assert refused == tried == 8 * 3

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
+# Every test here starts two or more ranks (10-60 s each on two CPU cores): run with `-m slow`.
+pytestmark = pytest.mark.slow
 
 from megatie.cli import build_parser, config_from_args  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
@@ -105,7 +107,6 @@ def reference(tmp_path_factory):
     return write_reference_run(str(tmp_path_factory.mktemp("ref")))
 
 
-@pytest.mark.slow  # about 80 s on two CPU cores (two ranks plus the reference run)
 def test_two_ranks_zero2_fp32_match_reference_and_agree(tmp_path, reference):
     # Waves of at most 4 messages: the regroups' point-to-point exchanges take many waves.
     results = _spawn(base_args(str(tmp_path / "run"), reference) + ["--deepspeed", ZERO2], str(tmp_path / "res"),
