@@ -266,7 +266,13 @@ def test_refused_before_the_heavy_imports(tmp_path, finished, prepared, cache, c
     assert _check_case(tmp_path, finished, prepared, cache, args, needle) < 5.0
 
 
-@pytest.mark.parametrize("case_id,needle,args", HEAVY, ids=[c[0] for c in HEAVY])
+# Each of these loads torch in its process (2-3 s); the default run keeps one of every kind.
+FAST_HEAVY = {"changed-model-bytes", "pickle-in-trainer-state", "older-step-same-out-dir", "changed-lr",
+              "every-checkpoint-damaged", "shard-overwritten-0xff", "empty-corpus", "replay-without-reference"}
+
+
+@pytest.mark.parametrize("case_id,needle,args", [c if c[0] in FAST_HEAVY else pytest.param(*c, marks=pytest.mark.slow)
+                                                 for c in HEAVY], ids=[c[0] for c in HEAVY])
 def test_refused_after_reading_checkpoint_or_data(tmp_path, finished, prepared, cache, case_id, needle, args):
     _check_case(tmp_path, finished, prepared, cache, args, needle)
 
