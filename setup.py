@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatie", "megatie.*"]),
+    entry_points={"console_scripts": ["megatie=megatie.command:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -18,6 +19,7 @@ setup(
         "tensorboard>=2.14",
         "nvidia-ml-py>=12.0",
         "safetensors>=0.4",
+        "protobuf>=3.20",  # reading SentencePiece models when exporting a fast tokenizer
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "numpy>=1.24",

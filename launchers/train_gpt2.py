@@ -5,9 +5,7 @@
     python launchers/train_gpt2.py --train-file my.txt --tie-policy conventional
 """
 
-import sys
-
-from megatie.cli import run_main, train_main
+from megatie.cli import exit_process, run_main, train_main
 
 if __name__ == "__main__":
-    sys.exit(run_main(train_main))
+    exit_process(run_main(train_main))

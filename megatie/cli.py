@@ -210,6 +210,18 @@ def run_main(main_fn, argv=None) -> int:
             return 130
 
 
+def exit_process(code: int) -> None:
+    """End the process with ``code``. A rank started by a distributed launcher ends without the
+    interpreter's finalisation: after a finished run, torch.distributed's C++ worker threads being torn
+    down under a finalising interpreter can abort the process (SIGABRT), turning success into a failed
+    job. Everything megatie writes is closed and flushed before this point."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        os._exit(code)
+    sys.exit(code)
+
+
 def check_out_dir(path: str) -> None:
     """Create the run directory and make sure the run can write there. Done before torch, the data
     and DeepSpeed load, so a mistyped or read-only --out-dir costs a second, not a minute. Every rank

@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -180,23 +179,36 @@ def _end_with_launcher() -> None:
     ``launch`` process and the ranks would run on as orphans, holding GPUs and the run directory.
     Watched from a daemon thread once a second; the SIGTERM handler unwinds the rank, prints the resume
     hint and releases the run lock."""
-    global _WATCHING
-    if _WATCHING or sys.platform != "linux":
+    global _WATCHER
+    if _WATCHER is not None or sys.platform != "linux":
         return
-    _WATCHING = True
     from megatie.runlock import process_start_time
 
     watched = {pid: process_start_time(pid) for pid in _launcher_chain()}
 
     def watch():
-        while all(process_start_time(pid) == start for pid, start in watched.items()):
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while not _STOP_WATCHING.wait(1.0):
+            if any(process_start_time(pid) != start for pid, start in watched.items()):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
-    threading.Thread(target=watch, name="megatie-launcher-watch", daemon=True).start()
+    _STOP_WATCHING.clear()
+    _WATCHER = threading.Thread(target=watch, name="megatie-launcher-watch", daemon=True)
+    _WATCHER.start()
 
 
-_WATCHING = False
+def _stop_watching() -> None:
+    """Join the watcher before the interpreter exits: a daemon thread still running at interpreter
+    shutdown is ended from under it, which is one way a finished rank aborts at exit."""
+    global _WATCHER
+    if _WATCHER is not None:
+        _STOP_WATCHING.set()
+        _WATCHER.join(timeout=5)
+        _WATCHER = None
+
+
+_WATCHER: threading.Thread | None = None
+_STOP_WATCHING = threading.Event()
 
 
 def init_deepspeed_distributed(local_rank: int | None = None, timeout_s: int = 600) -> RankSync:
@@ -219,5 +231,6 @@ def init_deepspeed_distributed(local_rank: int | None = None, timeout_s: int = 6
 
 def shutdown_distributed() -> None:
     """Explicit teardown: without it a rank can abort at interpreter exit."""
+    _stop_watching()
     if tdist.is_initialized():
         tdist.destroy_process_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from megatie.agent import AgentConfig
-from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, step_name
+from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, replace_dir, step_name
 from megatie.config import TrainConfig
 from megatie.controller import TieController
 from megatie.data import build_lm_data
@@ -121,8 +122,18 @@ class Trainer:
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             write_json_atomic(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+            self._save_tokenizer()
             if checkpoint is not None:
                 self.logger.log(self.resume_record, self.step)
+
+    def _save_tokenizer(self) -> None:
+        """The run carries its tokenizer (``megatie export`` and ``eval`` read it from there)."""
+        final = os.path.join(self.cfg.out_dir, "tokenizer")
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.data.tokenizer.save(tmp)
+        replace_dir(tmp, final)
 
     # ------------------------------------------------------------------ pieces of a step
     def _reward_loss(self) -> float:

@@ -194,6 +194,6 @@ def _train_and_record(cfg, sync) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatie.cli import run_main
+    from megatie.cli import exit_process, run_main
 
-    sys.exit(run_main(run, sys.argv[1:]))
+    exit_process(run_main(run, sys.argv[1:]))

@@ -86,6 +86,9 @@ class SentencePieceTokenizer:
     def spec(self) -> dict:
         return {"kind": self.kind, "path": self.model_file}
 
+    def save(self, directory: str | os.PathLike) -> None:
+        shutil.copyfile(self.model_file, os.path.join(directory, "tokenizer.model"))
+
 
 class HFTokenizer:
     """A transformers tokenizer loaded strictly from local files (GPT-2 or a local dir)."""
@@ -144,6 +147,9 @@ class HFTokenizer:
 
     def spec(self) -> dict:
         return {"kind": self.kind, "path": self.name_or_path}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        self.tok.save_pretrained(str(directory))
 
 
 def load_tokenizer(spec: dict):

@@ -1,0 +1,97 @@
+"""``megatie`` (or ``python -m megatie``): take a trained model out of a run and use it.
+
+    megatie export RUN_DIR OUT_DIR [--checkpoint best|final|NAME] [--format hf|compact]
+    megatie eval (RUN_DIR|EXPORT_DIR) --file TEXT [--json OUT]
+    megatie generate (RUN_DIR|EXPORT_DIR) --prompt "..." [--max-new-tokens N --temperature T --top-k K --top-p P]
+
+Training stays in ``launchers/``. Like the launchers, a mistake ends in one line and exit status 2,
+and the parser imports no torch (``--help`` is instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatie.cli import _Parser, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="megatie", description="Export, evaluate and sample models trained with megatie.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    export = sub.add_parser("export", help="write a run's model as a Hugging Face or compact directory")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir", help="a new (or empty) directory")
+    export.add_argument("--format", default="hf", choices=["hf", "compact"],
+                        help="hf: standard transformers directory; compact: independent blocks + tie map")
+    for name, command in (("eval", "perplexity on a text file"), ("generate", "sample a continuation")):
+        s = sub.add_parser(name, help=command)
+        s.add_argument("source", help="a run directory, or a directory written by megatie export")
+        if name == "eval":
+            s.add_argument("--file", required=True, help="text file (.txt, .jsonl with a text field, .gz)")
+            s.add_argument("--json", help="also write the result to this JSON file")
+            s.add_argument("--batch-size", type=int, default=8)
+        else:
+            s.add_argument("--prompt", required=True)
+            s.add_argument("--max-new-tokens", type=int, default=50)
+            s.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+            s.add_argument("--top-k", type=int)
+            s.add_argument("--top-p", type=float)
+            s.add_argument("--seed", type=int, default=0)
+    for s in (export, sub.choices["eval"], sub.choices["generate"]):
+        s.add_argument("--checkpoint", default="best", help="for a run directory: best, final or a checkpoint name")
+    return p
+
+
+def _validate(args) -> None:
+    from megatie.errors import ConfigError
+
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise ConfigError("--temperature must not be negative")
+    if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
+        raise ConfigError("--top-p must be in (0, 1]")
+    if getattr(args, "top_k", None) is not None and args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    source = getattr(args, "source", None) or args.run_dir
+    if not os.path.isdir(source):
+        raise ConfigError(f"{source} is not a directory")
+    if getattr(args, "file", None) is not None and not os.path.isfile(args.file):
+        raise ConfigError(f"file not found: {args.file}")
+
+
+def command_main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    _validate(args)
+    if args.command == "export":
+        from megatie.export import export_run
+
+        out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.format)
+        print(f"exported {args.run_dir} ({args.checkpoint}) as {args.format} to {out}")
+        return
+    from megatie.inference import generate, load_for_inference, perplexity
+
+    model, tokenizer = load_for_inference(args.source, args.checkpoint)
+    if args.command == "eval":
+        result = perplexity(model, tokenizer, args.file, args.batch_size)
+        if args.json:
+            from megatie.metrics import write_json_atomic
+
+            write_json_atomic(args.json, result)
+        print(json.dumps({k: result[k] for k in ("ppl", "loss", "tokens", "predicted_tokens")}))
+    else:
+        print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.seed))
+
+
+def main() -> int:
+    return run_main(command_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Taking a model out of a run: a standard Hugging Face directory, or a compact one with the tie map.
+
+A run directory holds verified checkpoints (each distinct tensor once: a tied block is stored at its
+root), ``config.json`` (every setting) and ``tokenizer/`` (the tokenizer it trained with). From them:
+
+- ``hf``: every block gets its root's weights as tensors of its own, so any ``transformers`` install
+  loads the result with ``AutoModelForCausalLM.from_pretrained`` - no megatie, no remote code - and
+  computes megatie's logits. The SentencePiece model becomes a fast tokenizer (``tokenizer.json``);
+  ``tokenizer.model`` is kept next to it.
+- ``compact``: only the independent blocks (plus embeddings and the final norm) and ``tie_map.json``;
+  ``load_compact`` rebuilds the model with the ties as shared tensors, not copies.
+
+Everything is written into a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from megatie.checkpoint import list_checkpoints, load_checkpoint, load_model_tensors
+from megatie.errors import CheckpointError, ConfigError
+from megatie.state import num_independent
+
+COMPACT_MAP = "tie_map.json"
+FORMATS = ("hf", "compact")
+
+
+# ---------------------------------------------------------------------- reading a run
+def checkpoint_of(run_dir: str, which: str = "best") -> str:
+    """``best``, ``final`` (the newest step) or a checkpoint name under ``run_dir/checkpoints``."""
+    root = os.path.join(run_dir, "checkpoints")
+    if which == "final":
+        found = list_checkpoints(root)
+        if not found:
+            raise CheckpointError(f"{run_dir!r} has no step checkpoint (a run with --no-checkpoints cannot be "
+                                  "exported)")
+        return found[-1]
+    path = os.path.join(root, which)
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        listed = ", ".join(n for n in names if not n.startswith(".")) or "none"
+        raise CheckpointError(f"{run_dir!r} has no checkpoint {which!r} (it has: {listed})")
+    return path
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "metrics.jsonl"))
+
+
+def load_run(run_dir: str, which: str = "best"):
+    """``(model, tying, settings)``: the run's model with its ties, weights of checkpoint ``which``."""
+    from megatie.models import build_gpt2
+    from megatie.tying import LayerTying
+
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
+    tensors, _, trainer_state = load_checkpoint(checkpoint_of(run_dir, which))
+    settings = trainer_state["settings"]
+    model = build_gpt2(settings["n_layer"], settings["n_embd"], settings["n_head"], settings["seq_len"],
+                       settings["vocab_size"], 0.0, seed=0)
+    tying = LayerTying(model, settings["tie_mode"])
+    tying.load_state_dict(trainer_state["controller"]["tying"])
+    load_model_tensors(model, tensors)
+    model.eval()
+    return model, tying, settings
+
+
+def untied_state_dict(model, tying) -> dict[str, torch.Tensor]:
+    """Every tensor name of the model, a tied block's taken from its root (never a stale copy)."""
+    live, root = model.state_dict(), root_of(tying.state)
+    pattern = _block_pattern(tying.block_path)
+    out = {}
+    for name in live:
+        m = pattern.match(name)
+        source = f"{tying.block_path}.{root[int(m.group(1))]}.{m.group(2)}" if m else name
+        out[name] = live[source].detach().clone().contiguous()
+    return out
+
+
+def root_of(state) -> list[int]:
+    """For every block, the root of its group (the block whose weights it uses)."""
+    out = []
+    for i in range(len(state)):
+        while state[i] != i:
+            i = state[i]
+        out.append(i)
+    return out
+
+
+def _block_pattern(block_path: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(block_path)}\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------------- writing
+def _write_into(out_dir: str, fill) -> str:
+    """Fill a temporary sibling of ``out_dir`` with ``fill(tmp)``, then rename it into place."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ConfigError(f"{out_dir} exists and is not empty; choose a new directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        fill(tmp)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf") -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model, tying, settings = load_run(run_dir, which)
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+
+    def fill(tmp: str) -> None:
+        from megatie.hf_tokenizer import export_tokenizer
+
+        special = export_tokenizer(tokenizer_dir, tmp)
+        for key, token_id in special.items():  # generate() needs the tokenizer's own end of text
+            setattr(model.config, key, token_id)
+        if fmt == "hf":
+            _write_hf(model, tying, tmp)
+        else:
+            _write_compact(model, tying, tmp)
+        _write_card(tmp, fmt, tying, settings, which)
+
+    return _write_into(out_dir, fill)
+
+
+def _write_hf(model, tying, tmp: str) -> None:
+    from transformers import GPT2LMHeadModel
+
+    config = model.config
+    config._attn_implementation = None  # let the loading side choose its attention kernel
+    plain = GPT2LMHeadModel(config)
+    plain.load_state_dict(untied_state_dict(model, tying))
+    plain.save_pretrained(tmp, safe_serialization=True)
+
+
+def _write_compact(model, tying, tmp: str) -> None:
+    from safetensors.torch import save_file
+
+    root, pattern = root_of(tying.state), _block_pattern(tying.block_path)
+    kept = {n: t for n, t in untied_state_dict(model, tying).items()
+            if n != "lm_head.weight"  # GPT-2's output layer is its token embedding
+            and ((m := pattern.match(n)) is None or root[int(m.group(1))] == int(m.group(1)))}
+    save_file(kept, os.path.join(tmp, "model.safetensors"))
+    model.config.to_json_file(os.path.join(tmp, "config.json"))
+    with open(os.path.join(tmp, COMPACT_MAP), "w", encoding="utf-8") as f:
+        json.dump({"format": "megatie-compact", "version": 1, "state": list(tying.state),
+                   "block_path": tying.block_path}, f, indent=1)
+
+
+def load_compact(path: str):
+    """The compact export's model, its tied blocks sharing their root's tensors."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatie.tying import LayerTying
+
+    try:
+        with open(os.path.join(path, COMPACT_MAP), encoding="utf-8") as f:
+            tie_map = json.load(f)
+        config = GPT2Config.from_json_file(os.path.join(path, "config.json"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path!r} is not a compact megatie export: {e}") from None
+    model = GPT2LMHeadModel(config)
+    LayerTying(model, "shared", tie_map["block_path"]).initialize(tie_map["state"])
+    load_model_tensors(model, load_file(os.path.join(path, "model.safetensors")))
+    return model.eval()
+
+
+def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
+    state = list(tying.state)
+    independent = num_independent(state)
+    load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)"
+            if fmt == "hf" else "from megatie.export import load_compact\nmodel = load_compact(PATH)")
+    card = f"""---
+library_name: transformers
+tags: [gpt2, megatie, layer-tying]
+---
+# GPT-2 trained from scratch with dynamic layer tying (megatie)
+
+- Shape: {settings['n_layer']} blocks, d={settings['n_embd']}, {settings['n_head']} heads, context {settings['seq_len']},
+  vocabulary {settings['vocab_size']} ({settings['tokenizer']} tokenizer).
+- Tie map at this checkpoint (`{which}`): block i uses the weights of block `root[i]`, `root` =
+  `{root_of(state)}` (state `{state}`):
+  {independent} independent block(s) of {len(state)}.
+- Trained with tie policy `{settings['tie_policy']}` (mode `{settings['tie_mode']}`, a decision every
+  {settings['tie_every']} steps), {settings['max_steps']} steps, lr {settings['lr']}, micro-batch {settings['batch_size']}.
+- Format: `{fmt}` - {"every block has weights of its own (tied blocks hold copies of their root's)" if fmt == "hf"
+                      else "only the independent blocks are stored; load_compact re-ties the others"}.
+
+```python
+{load}
+```
+"""
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)

@@ -1,0 +1,102 @@
+"""Using a trained model: perplexity on any text file, and sampling - from a run directory, its
+Hugging Face export or its compact export, with the same numbers from each.
+
+Text is tokenized as training tokenized it (one line at a time, each followed by the end-of-line
+id), with SentencePiece's own model where one is present, then cut into non-overlapping windows of
+the model's context; perplexity is the exponential of the mean loss over every predicted token.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from megatie.errors import ConfigError, DataError
+
+
+def load_for_inference(source: str, checkpoint: str = "best"):
+    """``(model, tokenizer)`` from a run directory, an ``hf`` export or a ``compact`` export."""
+    from megatie.export import COMPACT_MAP, is_run_dir, load_compact, load_run
+
+    if not os.path.isdir(source):
+        raise ConfigError(f"{source!r} is not a directory (a run directory or a megatie export)")
+    if is_run_dir(source):
+        model = load_run(source, checkpoint)[0]
+        tokenizer_dir = os.path.join(source, "tokenizer")
+    elif os.path.isfile(os.path.join(source, COMPACT_MAP)):
+        model, tokenizer_dir = load_compact(source), source
+    elif os.path.isfile(os.path.join(source, "config.json")):
+        from transformers import AutoModelForCausalLM
+
+        model, tokenizer_dir = AutoModelForCausalLM.from_pretrained(source).eval(), source
+    else:
+        raise ConfigError(f"{source!r} is neither a run directory nor a megatie export")
+    return model, _tokenizer(tokenizer_dir)
+
+
+def _tokenizer(directory: str):
+    from megatie.data.tokenizers import HFTokenizer, SentencePieceTokenizer
+
+    sp_model = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(sp_model):
+        return SentencePieceTokenizer(sp_model)
+    if os.path.isdir(directory) and os.listdir(directory):
+        return HFTokenizer(directory)
+    raise ConfigError(f"no tokenizer in {directory!r}")
+
+
+def _token_ids(tokenizer, path: str) -> torch.Tensor:
+    from megatie.data.sources import check_text_file, file_line_stream, resolve_files
+
+    files = resolve_files(path)
+    for f in files:
+        check_text_file(f)
+    ids: list[int] = []
+    for lines in file_line_stream(files)():
+        for row in tokenizer.encode_lines(lines):
+            ids.extend(row)
+    if len(ids) < 2:
+        raise DataError(f"{path} holds fewer than two tokens; nothing to predict")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, path: str, batch_size: int = 8) -> dict:
+    """Perplexity of ``model`` on the text of ``path`` (every token but each window's first predicted)."""
+    ids = _token_ids(tokenizer, path)
+    window = int(model.config.n_positions)
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) > 1]
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        for w in windows[start:start + batch_size]:  # unequal last window: one at a time is exact
+            n = len(w) - 1
+            total += float(model(input_ids=w[None], labels=w[None]).loss) * n
+            count += n
+    loss = total / count
+    return {"file": os.path.abspath(path), "tokens": int(len(ids)), "predicted_tokens": count, "loss": loss,
+            "ppl": math.exp(min(loss, 80.0)), "context": window}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` with transformers' ``generate`` (greedy at temperature 0)."""
+    ids = tokenizer.encode(prompt)
+    context = int(model.config.n_positions)
+    if not ids:
+        raise ConfigError("the prompt is empty")
+    if len(ids) + max_new_tokens > context:
+        raise ConfigError(f"the prompt is {len(ids)} tokens and --max-new-tokens {max_new_tokens}: more than the "
+                          f"model's context of {context} tokens; shorten the prompt or ask for fewer tokens")
+    torch.manual_seed(seed)
+    sampling = temperature > 0
+    options = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
+               "pad_token_id": model.config.pad_token_id if model.config.pad_token_id is not None
+               else model.config.eos_token_id}
+    if sampling:
+        options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **options)
+    return tokenizer.decode(out[0, len(ids):].tolist())
