@@ -156,16 +156,15 @@ def read_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
-        if not isinstance(meta["files"], dict) or not isinstance(meta["step"], int):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        if isinstance(locals().get("meta"), dict) and meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, this megatie reads "
-                                  f"format {FORMAT_VERSION}") from None
-        raise CheckpointError(f"checkpoint {path!r} has no readable meta.json; it is incomplete or corrupt") from None
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path!r} has no readable meta.json; it is incomplete or corrupt")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, this megatie reads "
                               f"format {FORMAT_VERSION}")
+    if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"checkpoint {path!r} has no readable meta.json; it is incomplete or corrupt")
     return meta
 
 

@@ -105,12 +105,10 @@ def _pickle_payload(marker: str) -> bytes:
 
     import torch
 
-    class Payload:
-        def __reduce__(self):
-            return (exec, (f"open({marker!r}, 'w').write('ran')",))
+    from test_checkpoint_safety import Payload
 
     buffer = io.BytesIO()
-    torch.save({"step": Payload()}, buffer)
+    torch.save({"step": Payload(marker)}, buffer)
     return buffer.getvalue()
 
 

@@ -132,7 +132,7 @@ def test_changed_settings_are_refused_unless_allowed(finished_run, tmp_path, cac
     assert json.loads((run / "config.json").read_text())["allow_changed"] == ["lr", "max_steps"]
 
 
-def poison_after(trainer, step, when):
+def poison_after(trainer, step):
     """Make the weights non-finite after optimizer step ``step`` (as a diverging run would)."""
     train_step = trainer.engine.train_step
 
@@ -152,7 +152,7 @@ def test_divergence_stops_before_anything_is_saved(finished_run, tmp_path, cache
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     shutil.rmtree(run / "checkpoints" / "step_00000012")
     trainer = Trainer(config(run, cache_dir, resume="auto", max_steps=12))
-    poison_after(trainer, poisoned, "after")
+    poison_after(trainer, poisoned)
     with pytest.raises(DivergedError, match=match):
         trainer.train()
     assert [os.path.basename(p) for p in list_checkpoints(str(run / "checkpoints"))] == ["step_00000004"]
