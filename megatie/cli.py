@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import traceback
-from contextlib import contextmanager
 
 from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
 from megatie.config import FREE, TrainConfig
 from megatie.errors import ConfigError, MegatieError
+from megatie.interrupts import ignore_interrupts, interrupts_end_the_run
 from megatie.runlock import RunLock
 
 INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume auto)"
@@ -159,43 +157,10 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _sigterm_to_interrupt(signum, frame):
-    # One-shot: a repeated SIGTERM must not interrupt the unwinding the first one started (the
-    # deepspeed launcher follows its SIGTERM with SIGKILL 30 s later if a rank hangs).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises ``KeyboardInterrupt`` while the block runs. On Ctrl-C the deepspeed launcher
-    sends SIGTERM to its ranks, which would otherwise die silently; this way they unwind (closing the
-    process group) and print the same resume hint as a plain Ctrl-C. The previous handlers are put
-    back afterwards, so a caller (tests, benchmarks) keeps its own."""
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-def _ignore_interrupts() -> None:
-    # Ctrl-C reaches the ranks as SIGINT and, from the launcher, as SIGTERM just after: the second
-    # must not turn the resume hint into a traceback.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def run_main(main_fn, argv=None) -> int:
     """Call ``main_fn(argv)``; turn user errors into one line and exit status 2, and an interrupt
     (Ctrl-C, or SIGTERM from a launcher) into the resume hint and exit status 130."""
-    with _sigterm_as_interrupt():
+    with interrupts_end_the_run():
         try:
             main_fn(argv)
             return 0
@@ -205,7 +170,7 @@ def run_main(main_fn, argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            _ignore_interrupts()
+            ignore_interrupts()
             print(INTERRUPTED, file=sys.stderr)
             return 130
 

@@ -27,6 +27,7 @@ from megatie.data import build_lm_data
 from megatie.distributed import RankSync, param_checksum
 from megatie.engines import build_engine
 from megatie.errors import CheckpointError, ConfigError, DivergedError
+from megatie.interrupts import raise_if_requested
 from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
@@ -232,6 +233,7 @@ class Trainer:
         last_val = None
         try:
             while self.step < stop:
+                raise_if_requested()
                 batches = [next(self.loader) for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss = self.engine.train_step(batches)  # returns a float: the step has finished
