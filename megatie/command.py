@@ -3,6 +3,7 @@
     megatie export RUN_DIR OUT_DIR [--checkpoint best|final|NAME] [--format hf|compact]
     megatie eval (RUN_DIR|EXPORT_DIR) --file TEXT [--json OUT]
     megatie generate (RUN_DIR|EXPORT_DIR) --prompt "..." [--max-new-tokens N --temperature T --top-k K --top-p P]
+    megatie finetune (RUN_DIR|EXPORT_DIR) OUT_DIR (--train-file F.csv|.tsv|.jsonl | --glue TASK) [--epochs N ...]
 
 Training stays in ``launchers/``. Like the launchers, a mistake ends in one line and exit status 2,
 and the parser imports no torch (``--help`` is instant).
@@ -40,9 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--top-k", type=int)
             s.add_argument("--top-p", type=float)
             s.add_argument("--seed", type=int, default=0)
-    for s in (export, sub.choices["eval"], sub.choices["generate"]):
+    _add_finetune(sub)
+    for s in (export, *(sub.choices[n] for n in ("eval", "generate", "finetune"))):
         s.add_argument("--checkpoint", default="best", help="for a run directory: best, final or a checkpoint name")
     return p
+
+
+def _add_finetune(sub) -> None:
+    s = sub.add_parser("finetune", help="train sequence classification on labeled text, the tie map kept")
+    s.add_argument("source", help="a run directory, or a directory written by megatie export")
+    s.add_argument("out_dir", help="a new (or empty) directory for the fine-tuned model")
+    data = s.add_mutually_exclusive_group(required=True)
+    data.add_argument("--train-file", help="labeled examples: .csv/.tsv with a header, or .jsonl objects")
+    data.add_argument("--glue", help="a GLUE task name (sst2, cola, mrpc, ...): needs the Hugging Face hub or its cache")
+    s.add_argument("--valid-file", help="held-out examples (default: --held-out of --train-file)")
+    s.add_argument("--held-out", type=float, default=0.2, help="fraction of --train-file held out for accuracy")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label", help="integer labels")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--weight-decay", type=float, default=0.01)
+    s.add_argument("--max-length", type=int, help="tokens kept per text (default: the model's context)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _finetune_config(args):
+    from megatie.config import FinetuneConfig
+
+    names = set(FinetuneConfig.__dataclass_fields__)
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _check_new_dir(path: str) -> None:
+    from megatie.errors import ConfigError
+
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise ConfigError(f"{path} exists and is not an empty directory; choose a new one")
 
 
 def _validate(args) -> None:
@@ -63,6 +99,8 @@ def _validate(args) -> None:
         raise ConfigError(f"{source} is not a directory")
     if getattr(args, "file", None) is not None and not os.path.isfile(args.file):
         raise ConfigError(f"file not found: {args.file}")
+    if getattr(args, "out_dir", None) is not None:
+        _check_new_dir(args.out_dir)
 
 
 def command_main(argv=None) -> None:
@@ -73,6 +111,9 @@ def command_main(argv=None) -> None:
 
         out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.format)
         print(f"exported {args.run_dir} ({args.checkpoint}) as {args.format} to {out}")
+        return
+    if args.command == "finetune":
+        _finetune(args)
         return
     from megatie.inference import generate, load_for_inference, perplexity
 
@@ -87,6 +128,22 @@ def command_main(argv=None) -> None:
     else:
         print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                        args.top_p, args.seed))
+
+
+def _finetune(args) -> None:
+    from megatie.labeled import check_classes, load_examples
+
+    cfg = _finetune_config(args)
+    cfg.validate()
+    if cfg.train_file:  # every labeled row checked before torch and the model load
+        check_classes(*load_examples(cfg.train_file, cfg.valid_file, None, cfg.held_out, cfg.text_column,
+                                     cfg.label_column, cfg.seed))
+    from megatie.finetune import finetune
+
+    summary = finetune(cfg)
+    print(json.dumps({k: summary[k] for k in ("held_out_accuracy", "majority_baseline", "train_examples",
+                                              "held_out_examples", "independent_blocks")}))
+    print(f"fine-tuned model written to {os.path.abspath(cfg.out_dir)}")
 
 
 def main() -> int:

@@ -185,3 +185,38 @@ class TrainConfig:
             raise ConfigError("give either --train-file or --dataset, not both")
         if self.valid_files and not (self.train_files or self.dataset):
             raise ConfigError("--valid-file needs --train-file (or --dataset) too")
+
+
+@dataclass
+class FinetuneConfig:
+    """``megatie finetune``: a classifier from a trained model, its tie map kept."""
+
+    source: str
+    out_dir: str
+    train_file: str | None = None
+    glue: str | None = None
+    valid_file: str | None = None
+    held_out: float = 0.2
+    text_column: str = "text"
+    label_column: str = "label"
+    checkpoint: str = "best"
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    max_length: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if (self.train_file is None) == (self.glue is None):
+            raise ConfigError("give exactly one of --train-file and --glue")
+        if not 0 < self.held_out < 1:
+            raise ConfigError("--held-out must be a fraction in (0, 1)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError("--lr must be positive")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError("--max-length must be at least 2")

@@ -27,6 +27,7 @@ from megatie.errors import CheckpointError, ConfigError
 from megatie.state import num_independent
 
 COMPACT_MAP = "tie_map.json"
+TIE_STATE_KEY = "megatie_tie_state"  # in an hf export's config: the tie map its weights were trained with
 FORMATS = ("hf", "compact")
 
 
@@ -97,7 +98,7 @@ def _block_pattern(block_path: str) -> re.Pattern:
 
 
 # ---------------------------------------------------------------------- writing
-def _write_into(out_dir: str, fill) -> str:
+def write_into(out_dir: str, fill) -> str:
     """Fill a temporary sibling of ``out_dir`` with ``fill(tmp)``, then rename it into place."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -135,7 +136,7 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
             _write_compact(model, tying, tmp)
         _write_card(tmp, fmt, tying, settings, which)
 
-    return _write_into(out_dir, fill)
+    return write_into(out_dir, fill)
 
 
 def _write_hf(model, tying, tmp: str) -> None:
@@ -143,6 +144,7 @@ def _write_hf(model, tying, tmp: str) -> None:
 
     config = model.config
     config._attn_implementation = None  # let the loading side choose its attention kernel
+    setattr(config, TIE_STATE_KEY, list(tying.state))  # so that fine-tuning can keep the ties
     plain = GPT2LMHeadModel(config)
     plain.load_state_dict(untied_state_dict(model, tying))
     plain.save_pretrained(tmp, safe_serialization=True)

@@ -33,10 +33,11 @@ def load_for_inference(source: str, checkpoint: str = "best"):
         model, tokenizer_dir = AutoModelForCausalLM.from_pretrained(source).eval(), source
     else:
         raise ConfigError(f"{source!r} is neither a run directory nor a megatie export")
-    return model, _tokenizer(tokenizer_dir)
+    return model, tokenizer_in(tokenizer_dir)
 
 
-def _tokenizer(directory: str):
+def tokenizer_in(directory: str):
+    """megatie's tokenizer from a directory: SentencePiece's own model if present, else transformers'."""
     from megatie.data.tokenizers import HFTokenizer, SentencePieceTokenizer
 
     sp_model = os.path.join(directory, "tokenizer.model")

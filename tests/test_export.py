@@ -162,7 +162,7 @@ def test_generate_is_seeded_and_refuses_an_overlong_prompt(run, exports):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(run, exports, tmp_path):
-    one_line_error(megatie("export", run, exports[0]), "exists and is not empty")
+    one_line_error(megatie("export", run, exports[0]), "exists and is not an empty directory")
     one_line_error(megatie("export", run, tmp_path / "x", "--checkpoint", "step_99"), "has no checkpoint 'step_99'")
     one_line_error(megatie("export", tmp_path, tmp_path / "y"), "is not a run directory")
     one_line_error(megatie("export", run, tmp_path / "z", "--format", "onnx"), "invalid choice: 'onnx'")
