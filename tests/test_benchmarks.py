@@ -47,3 +47,28 @@ def test_memory_benchmark_honours_checkpointing_and_leaves_nothing(tmp_path):
     assert result["megatie"]["regroups"] >= 1 and result["megatie"]["peak_tensor_bytes"] > 0
     assert set(os.listdir(tmp_path)) == {"memory.json", "cache"}  # no run directory, no checkpoint
     assert _bench_dirs() == before
+
+
+@pytest.mark.parametrize("keep_ends", [False, True])
+def test_word_order_task_is_balanced_seeded_and_really_shuffled(keep_ends):
+    import re
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from finetune_accuracy import word_order_examples
+
+    from megatie.data.sources import default_corpus_text
+
+    lines = [line for t in default_corpus_text() for line in t.splitlines()]
+    rows = word_order_examples(lines, 200, seed=1, keep_ends=keep_ends)
+    assert rows == word_order_examples(lines, 200, seed=1, keep_ends=keep_ends)
+    assert sum(r["label"] for r in rows) == 100
+    by_words = {}
+    for sentence in (s.strip() for line in lines for s in re.split(r"(?<=[.!?])\s+", line)):
+        by_words.setdefault(tuple(sorted(sentence.split())), set()).add(" ".join(sentence.split()))
+    for r in rows:
+        words = r["text"].split()
+        sources = by_words[tuple(sorted(words))]  # the words of a real sentence, all of them
+        assert 6 <= len(words) <= 40
+        assert (r["text"] in sources) == (r["label"] == 0)
+        if r["label"] == 1 and keep_ends:
+            assert any(s.split()[0] == words[0] and s.split()[-1] == words[-1] for s in sources)
