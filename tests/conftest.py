@@ -8,5 +8,13 @@ where CUDA exists; the ``gpu``-marked tests run their DeepSpeed side in child pr
 
 import os
 
+import pytest
+
 os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One data and tokenizer cache for every in-process trainer test: each corpus is prepared once."""
+    return str(tmp_path_factory.mktemp("cache"))
 

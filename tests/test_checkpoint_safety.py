@@ -19,11 +19,6 @@ from megatie.trainer import Trainer
 MARKER = "payload-ran"
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def config(out_dir, cache_dir, **overrides):
     base = dict(out_dir=str(out_dir), cache_dir=cache_dir, n_layer=4, n_embd=32, n_head=2, seq_len=32,
                 batch_size=4, vocab_size=512, max_steps=12, tie_every=4, eval_every=4, eval_batches=2,

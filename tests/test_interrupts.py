@@ -10,7 +10,7 @@ from megatie.interrupts import interrupts_end_the_run, raise_if_requested
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost raise, on purpose
 from megatie.trainer import Trainer
-from test_trainer import cache_dir, small_config  # noqa: F401 (cache_dir is a fixture)
+from test_trainer import small_config
 
 
 class _SignalsInItsDestructor:

@@ -18,11 +18,6 @@ SUMMARY_KEYS = ["final_val_ppl", "best_val_ppl", "mean_trainable_params", "final
 REGROUP_KEYS = ["regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def small_config(out_dir, cache_dir, **overrides):
     base = dict(out_dir=str(out_dir), cache_dir=cache_dir, n_layer=4, n_embd=32, n_head=2, seq_len=32,
                 batch_size=4, vocab_size=512, max_steps=24, tie_every=4, eval_every=8, eval_batches=4,
