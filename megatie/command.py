@@ -17,6 +17,7 @@ import os
 import sys
 
 from megatie.cli import _Parser, run_main
+from megatie.config import FinetuneConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,28 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_finetune(sub) -> None:
+    default = {name: f.default for name, f in FinetuneConfig.__dataclass_fields__.items()}  # defined once, there
     s = sub.add_parser("finetune", help="train sequence classification on labeled text, the tie map kept")
     s.add_argument("source", help="a run directory, or a directory written by megatie export")
     s.add_argument("out_dir", help="a new (or empty) directory for the fine-tuned model")
     data = s.add_mutually_exclusive_group(required=True)
     data.add_argument("--train-file", help="labeled examples: .csv/.tsv with a header, or .jsonl objects")
-    data.add_argument("--glue", help="a GLUE task name (sst2, cola, mrpc, ...): needs the Hugging Face hub or its cache")
+    data.add_argument("--glue", help="a GLUE task (sst2, cola, mrpc, ...): needs the Hugging Face hub or its cache")
     s.add_argument("--valid-file", help="held-out examples (default: --held-out of --train-file)")
-    s.add_argument("--held-out", type=float, default=0.2, help="fraction of --train-file held out for accuracy")
-    s.add_argument("--text-column", default="text")
-    s.add_argument("--label-column", default="label", help="integer labels")
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=3e-4)
-    s.add_argument("--weight-decay", type=float, default=0.01)
+    s.add_argument("--held-out", type=float, default=default["held_out"],
+                   help="fraction of --train-file held out for accuracy")
+    s.add_argument("--text-column", default=default["text_column"])
+    s.add_argument("--label-column", default=default["label_column"], help="integer labels")
+    s.add_argument("--epochs", type=int, default=default["epochs"])
+    s.add_argument("--batch-size", type=int, default=default["batch_size"])
+    s.add_argument("--lr", type=float, default=default["lr"])
+    s.add_argument("--weight-decay", type=float, default=default["weight_decay"])
     s.add_argument("--max-length", type=int, help="tokens kept per text (default: the model's context)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=default["seed"])
     s.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _finetune_config(args):
-    from megatie.config import FinetuneConfig
-
     names = set(FinetuneConfig.__dataclass_fields__)
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -135,12 +136,11 @@ def _finetune(args) -> None:
 
     cfg = _finetune_config(args)
     cfg.validate()
-    if cfg.train_file:  # every labeled row checked before torch and the model load
-        check_classes(*load_examples(cfg.train_file, cfg.valid_file, None, cfg.held_out, cfg.text_column,
-                                     cfg.label_column, cfg.seed))
+    examples = load_examples(cfg)  # every labeled row checked before torch and the model load
+    check_classes(*examples)
     from megatie.finetune import finetune
 
-    summary = finetune(cfg)
+    summary = finetune(cfg, examples)
     print(json.dumps({k: summary[k] for k in ("held_out_accuracy", "majority_baseline", "train_examples",
                                               "held_out_examples", "independent_blocks")}))
     print(f"fine-tuned model written to {os.path.abspath(cfg.out_dir)}")

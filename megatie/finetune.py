@@ -100,14 +100,14 @@ def accuracy(model, ids, labels: torch.Tensor, batch_size: int, pad_id: int) -> 
     return correct / len(ids)
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune, write the result to ``cfg.out_dir`` and return the summary (also ``finetune.json``)."""
+def finetune(cfg: FinetuneConfig, examples: tuple[Examples, Examples] | None = None) -> dict:
+    """Fine-tune, write the result to ``cfg.out_dir`` and return the summary (also ``finetune.json``).
+    ``examples``: ``(train, held_out)`` as ``load_examples(cfg)`` gives them, if the caller has read them."""
     from megatie.export import write_into
     from megatie.inference import tokenizer_in
 
     cfg.validate()
-    train_set, held_set = load_examples(cfg.train_file, cfg.valid_file, cfg.glue, cfg.held_out, cfg.text_column,
-                                        cfg.label_column, cfg.seed)  # every row checked before the model loads
+    train_set, held_set = examples or load_examples(cfg)  # every row checked before the model loads
     classes = check_classes(train_set, held_set)
     lm_config, weights, state, tokenizer_dir = load_backbone(cfg.source, cfg.checkpoint)
     tokenizer = tokenizer_in(tokenizer_dir)

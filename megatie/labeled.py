@@ -16,6 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from megatie.config import FinetuneConfig
 from megatie.errors import ConfigError, DataError
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
@@ -53,7 +54,8 @@ def read_examples(path: str, text_column: str = "text", label_column: str = "lab
     for line, row in rows:
         for column in (text_column, label_column):
             if column not in row:
-                raise DataError(f"{path} line {line}: no {column!r} field (it has: {', '.join(map(str, row)) or 'none'})")
+                fields = ", ".join(map(str, row)) or "none"
+                raise DataError(f"{path} line {line}: no {column!r} field (it has: {fields})")
         text = row[text_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path} line {line}: the {text_column!r} field is empty or not text")
@@ -66,7 +68,8 @@ def read_examples(path: str, text_column: str = "text", label_column: str = "lab
 
 def _delimited_rows(path: str, delimiter: str):
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
+        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # GLUE's .tsv files quote nothing
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         if not reader.fieldnames:
             raise DataError(f"{path} is empty (a header row with the column names is needed)")
         for row in reader:
@@ -123,16 +126,14 @@ def split_held_out(examples: Examples, fraction: float, seed: int) -> tuple[Exam
     return examples.subset(sorted(order[n_held:])), examples.subset(sorted(order[:n_held]))
 
 
-def load_examples(train_file: str | None, valid_file: str | None = None, glue: str | None = None,
-                  held_out: float = 0.2, text_column: str = "text", label_column: str = "label",
-                  seed: int = 0) -> tuple[Examples, Examples]:
-    """``(train, held_out)``: a GLUE task's train/validation, or the file split (or ``valid_file``)."""
-    if glue:
-        return load_glue(glue)
-    examples = read_examples(train_file, text_column, label_column)
-    if valid_file:
-        return examples, read_examples(valid_file, text_column, label_column)
-    return split_held_out(examples, held_out, seed)
+def load_examples(cfg: FinetuneConfig) -> tuple[Examples, Examples]:
+    """``(train, held_out)``: a GLUE task's train/validation, or the file split (or ``--valid-file``)."""
+    if cfg.glue:
+        return load_glue(cfg.glue)
+    examples = read_examples(cfg.train_file, cfg.text_column, cfg.label_column)
+    if cfg.valid_file:
+        return examples, read_examples(cfg.valid_file, cfg.text_column, cfg.label_column)
+    return split_held_out(examples, cfg.held_out, cfg.seed)
 
 
 def load_glue(task: str) -> tuple[Examples, Examples]:
