@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # triton on CPU runs the copy kernel under TRITON_INTERPRET=1 (CUDA builds of torch ship it).
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.90", "triton>=3.0"],
         "triton": ["triton>=3.0"],
     },
 )
