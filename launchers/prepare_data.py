@@ -3,9 +3,11 @@
 
     python launchers/prepare_data.py --train-file 'corpus/*.txt' --out-dir data/mycorpus
     python launchers/prepare_data.py --dataset wikitext-2 --tokenizer gpt2 --out-dir data/wt2
+    python launchers/prepare_data.py --dataset lm1b --dataset-dir 1-billion-word-language-modeling-benchmark-r13output \
+        --out-dir data/lm1b
 
-A second run on unchanged input is a cache hit. Problems with the input print one line
-and exit with status 2.
+A second run on unchanged input is a cache hit; an interrupted run (Ctrl-C, kill -9, a full disk) is
+continued by running the same command again. Problems with the input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
                      help="text files or globs (.txt, .jsonl with a \"text\" field, .gz of either)")
     src.add_argument("--dataset", help="wikitext-2, wikitext-103, lambada or lm1b (needs the hub "
                      "or a local Hugging Face cache)")
+    ap.add_argument("--dataset-dir", metavar="DIR", help="with --dataset lm1b: the extracted "
+                    "1-billion-word-language-modeling-benchmark-r13output directory (the release's own layout)")
     ap.add_argument("--valid-file", nargs="+", action="extend", metavar="F",
                     help="validation files; default: hold out the end of the training text")
     ap.add_argument("--holdout-fraction", type=float, default=0.05)
@@ -34,25 +38,31 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--cache-dir", default="~/.cache/megatie")
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     # datasets imports torch (seconds, hundreds of MB) only to share state with DataLoader
     # workers; preparation never needs it.
     os.environ.setdefault("USE_TORCH", "0")
 
-    from megatie.data.shards import prepare, read_meta
+    from megatie.data.prepared import read_meta
+    from megatie.data.shards import prepare
     from megatie.data.sources import make_corpus
     from megatie.errors import MegatieError
 
     try:
         t0 = time.time()
-        corpus = make_corpus(args.train_file, args.valid_file, args.dataset, args.holdout_fraction)
+        corpus = make_corpus(args.train_file, args.valid_file, args.dataset, args.holdout_fraction, args.dataset_dir)
         hit = read_meta(args.out_dir) is not None
         out = prepare(corpus, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                      cache_dir=args.cache_dir, num_workers=args.workers)
+                      cache_dir=args.cache_dir, num_workers=args.workers, progress=not args.no_progress,
+                      log=lambda line: print(line, file=sys.stderr))
         meta = read_meta(out)
     except MegatieError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     splits = ", ".join(f"{k}={v['num_tokens']}" for k, v in sorted(meta["splits"].items()))
     print(json.dumps({"out_dir": str(out), "cache_hit": hit, "seconds": round(time.time() - t0, 2),
                       "tokenizer": meta["tokenizer"]["name"], "dtype": meta["dtype"],

@@ -109,6 +109,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--valid-file", dest="valid_files", action="append", default=[],
                       help="validation text (default: the end of the training text)")
     data.add_argument("--dataset", help="wikitext-2, wikitext-103, lambada or lm1b (needs the HF cache)")
+    data.add_argument("--dataset-dir", help="with --dataset lm1b: the extracted One Billion Word release directory")
     data.add_argument("--data-dir", help="a directory made by launchers/prepare_data.py")
     data.add_argument("--tokenizer", default=d.tokenizer, help="sentencepiece, gpt2, or a local tokenizer path")
     data.add_argument("--vocab-size", type=int, help="SentencePiece vocabulary size")

@@ -90,6 +90,7 @@ class TrainConfig:
     train_files: list[str] = field(default_factory=list)
     valid_files: list[str] = field(default_factory=list)
     dataset: str | None = None
+    dataset_dir: str | None = None
     data_dir: str | None = None
     tokenizer: str = "sentencepiece"
     vocab_size: int | None = None
@@ -185,6 +186,9 @@ class TrainConfig:
             raise ConfigError("give either --train-file or --dataset, not both")
         if self.valid_files and not (self.train_files or self.dataset):
             raise ConfigError("--valid-file needs --train-file (or --dataset) too")
+        if self.dataset_dir and self.dataset != "lm1b":
+            raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
+                              "--dataset lm1b")
 
 
 @dataclass

@@ -69,6 +69,7 @@ class Trainer:
 
         self.data = build_lm_data(
             train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
+            dataset_dir=cfg.dataset_dir,
             tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
             cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size,
             barrier=self.sync.barrier)

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from megatie.data import MLMCollator, build_lm_data, make_corpus, open_tokens, prepare
+from megatie.data import prepared as prepared_mod
 from megatie.data import shards as shards_mod
+from megatie.data.journal import ShardWriter
 from megatie.data.sources import default_corpus_text
 from megatie.errors import DataError
 
@@ -215,21 +217,19 @@ def test_launcher_cache_hit_and_no_overwrite(text_file, tmp_path):
 # ----------------------------------------------------------------------------- atomicity
 def test_interrupted_write_leaves_nothing_that_looks_complete(text_file, tmp_path, monkeypatch):
     out = tmp_path / "D"
-    calls = {"n": 0}
-    real = shards_mod._ShardWriter.write
+    real = ShardWriter.write
 
     def dies(self, arr):
         real(self, arr[: len(arr) // 2])       # half a shard is on disk when the run dies
-        calls["n"] += 1
         assert any(self.root.glob("train-*.bin"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards_mod._ShardWriter, "write", dies)
+    monkeypatch.setattr(ShardWriter, "write", dies)
     with pytest.raises(KeyboardInterrupt):
         prepare(make_corpus([str(text_file)]), out, vocab_size=512, cache_dir=tmp_path, num_workers=0)
-    assert not out.exists() and not list(tmp_path.glob(".D.partial-*"))
-    monkeypatch.setattr(shards_mod._ShardWriter, "write", real)
-    # A killed process leaves its staging dir behind, complete-looking meta.json included.
+    assert not out.exists() and (tmp_path / ".D.partial").is_dir()   # kept: the next run continues it
+    monkeypatch.setattr(ShardWriter, "write", real)
+    # A staging dir of the earlier naming, left by a killed process, complete-looking meta.json included.
     stale = tmp_path / ".D.partial-999999999"
     stale.mkdir()
     (stale / "train-00000.bin").write_bytes(b"\x01\x00" * 10)
@@ -237,7 +237,8 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(text_file, tmp_pat
     with pytest.raises(DataError, match="not a prepared data directory"):
         build_lm_data(data_dir=out, seq_len=32)
     prepare(make_corpus([str(text_file)]), out, vocab_size=512, cache_dir=tmp_path, num_workers=0)
-    assert not stale.exists() and (out / "meta.json").exists()
+    assert not stale.exists() and not (tmp_path / ".D.partial").exists() and (out / "meta.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.model", "train-00000.bin"]
     assert build_lm_data(data_dir=out, seq_len=32).num_tokens("train") > 1000
 
 
@@ -262,17 +263,27 @@ def test_out_of_vocabulary_ids_are_refused(prepared, tmp_path, monkeypatch):
     shard = out / "train-00000.bin"
     ids = np.fromfile(shard, dtype=np.uint16)
     assert int(ids.max()) < 512
-    monkeypatch.setattr(shards_mod, "SCAN_TOKENS", 1000)  # the bad id lies past the first steps of the scan
     with open(shard, "r+b") as f:
         f.seek(2 * 4321)
         f.write(b"\xff" * 6)                               # ids 4321..4323 become 65535
-    with pytest.raises(DataError) as ei:
+    needle = f"shard {shard} holds token id 65535 at position 4321"
+    with pytest.raises(DataError, match="vocabulary size 512") as ei:   # inside the head checked at open
         build_lm_data(data_dir=out, seq_len=32)
-    msg = str(ei.value)
-    assert f"shard {shard} holds token id 65535 at position 4321" in msg and "vocabulary size 512" in msg
+    assert needle in str(ei.value)
+    monkeypatch.setattr(prepared_mod, "HEAD_TOKENS", 1000)  # past the head: found by the batch that reads it
+    data = build_lm_data(data_dir=out, seq_len=32)
+    with pytest.raises(DataError, match="vocabulary size 512") as ei:
+        for _ in data.eval_batches("train", 8):
+            pass
+    assert needle in str(ei.value)
+    loader = data.train_loader(8, seed=0)
+    with pytest.raises(DataError, match="holds token id 65535 at position 4321"):
+        for _ in range(loader.samples_per_epoch // 8):
+            next(loader)
     ids[:] = 511                                        # the largest valid id passes
     ids.tofile(shard)
-    assert build_lm_data(data_dir=out, seq_len=32).num_tokens("train") > 1000
+    data = build_lm_data(data_dir=out, seq_len=32)
+    assert sum(len(b) for b in data.eval_batches("train", 64)) == data.num_sequences("train")
 
 
 @pytest.mark.parametrize("path, needle", [

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "LMData": "api", "build_lm_data": "api", "make_corpus": "api",
     "SplitTokens": "loader", "TokenBatchLoader": "loader",
-    "MLMCollator": "mlm", "open_tokens": "shards", "prepare": "shards",
+    "MLMCollator": "mlm", "open_tokens": "prepared", "prepare": "shards",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,7 +9,8 @@ import torch
 
 from megatie.data.loader import SplitTokens, TokenBatchLoader, eval_batches, random_batch
 from megatie.data.mlm import MLMCollator
-from megatie.data.shards import open_tokens, prepare, read_meta, request_key
+from megatie.data.prepared import open_tokens, read_meta, segment_sources
+from megatie.data.shards import prepare, request_key
 from megatie.data.sources import make_corpus
 from megatie.errors import DataError
 
@@ -24,7 +25,9 @@ class LMData:
         self.meta, self.tokenizer, segments = open_tokens(path)
         self.seq_len, self.mlm = int(seq_len), mlm
         self.vocab_size = int(self.meta["vocab_size"])
-        self._splits = {n: SplitTokens(n, segs, self.seq_len) for n, segs in segments.items()}
+        sources = segment_sources(self.meta, self.path)
+        self._splits = {n: SplitTokens(n, segs, self.seq_len, self.vocab_size, sources[n])
+                        for n, segs in segments.items()}
         required = required or self.meta.get("required_splits", ["train", "valid"])
         for name in required:
             n = self._splits[name].num_tokens if name in self._splits else 0
@@ -78,13 +81,13 @@ def _wait_for(path: Path, timeout: float = 6 * 3600):
         time.sleep(1.0)
 
 
-def build_lm_data(train_files=None, valid_files=None, dataset=None, tokenizer="sentencepiece",
+def build_lm_data(train_files=None, valid_files=None, dataset=None, dataset_dir=None, tokenizer="sentencepiece",
                   vocab_size=4096, seq_len=128, cache_dir=DEFAULT_CACHE, data_dir=None,
                   holdout_fraction=0.05, rank=0, world_size=1, barrier=None, mlm=False,
                   num_workers=None, log=None) -> LMData:
     if int(seq_len) < 1:
         raise DataError(f"seq_len must be positive, got {seq_len}")
-    sources_given = bool(train_files or dataset)
+    sources_given = bool(train_files or dataset or dataset_dir)
     if data_dir is not None:
         data_dir = Path(os.path.expanduser(str(data_dir)))
         if not sources_given or read_meta(data_dir) is not None:
@@ -92,9 +95,9 @@ def build_lm_data(train_files=None, valid_files=None, dataset=None, tokenizer="s
                 barrier()
             return LMData(data_dir, seq_len, mlm)
         out = data_dir
-        corpus = make_corpus(train_files, valid_files, dataset, holdout_fraction)
+        corpus = make_corpus(train_files, valid_files, dataset, holdout_fraction, dataset_dir)
     else:
-        corpus = make_corpus(train_files, valid_files, dataset, holdout_fraction)
+        corpus = make_corpus(train_files, valid_files, dataset, holdout_fraction, dataset_dir)
         _, key = request_key(corpus, tokenizer, vocab_size)
         out = Path(os.path.expanduser(str(cache_dir))) / "prepared" / key
     if rank == 0:

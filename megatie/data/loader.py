@@ -18,8 +18,11 @@ class SplitTokens:
     segments. The tail shorter than a sequence is dropped.
     """
 
-    def __init__(self, name: str, segments: list[np.ndarray], seq_len: int):
-        self.name, self.seq_len = name, seq_len
+    def __init__(self, name: str, segments: list[np.ndarray], seq_len: int, vocab_size: int | None = None,
+                 sources: list[tuple[str, int]] | None = None):
+        self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
+        sources = sources or [("?", 0)] * len(segments)
+        self.sources = [src for s, src in zip(segments, sources) if len(s)]
         self.segments = [s for s in segments if len(s)]
         self.starts = np.cumsum([0] + [len(s) for s in self.segments]).tolist()
         self.num_tokens = self.starts[-1]
@@ -45,7 +48,21 @@ class SplitTokens:
         out = np.empty((len(indices), self.seq_len), dtype=np.int64)
         for row, i in enumerate(indices):
             out[row] = self.sequence(int(i))
+        # Every id that reaches the model is checked: one max over the batch, so a corrupt shard ends in
+        # one line naming it (below) whatever its size, without a scan of the corpus at start-up.
+        if self.vocab_size is not None and len(out) and int(out.max()) >= self.vocab_size:
+            self._raise_bad_id(indices, out)
         return torch.from_numpy(out)
+
+    def _raise_bad_id(self, indices, out: np.ndarray) -> None:
+        from megatie.data.prepared import check_token_ids
+
+        row = int(np.argmax((out >= self.vocab_size).any(axis=1)))
+        pos = int(indices[row]) * self.seq_len + int(np.argmax(out[row] >= self.vocab_size))
+        k = bisect.bisect_right(self.starts, pos) - 1
+        path, first = self.sources[k]
+        at = pos - self.starts[k]
+        check_token_ids(path, self.segments[k][at:at + 1], self.vocab_size, first + at)
 
 
 class TokenBatchLoader:

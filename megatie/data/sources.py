@@ -31,7 +31,7 @@ HUB_DATASETS = {
     "lambada": ("cimec/lambada", None,
                 {"train": "train", "valid": "validation", "test": "test"}, True),
     # lm1b ships train and test only; its test split doubles as validation.
-    "lm1b": ("dvruette/lm1b", None, {"train": "train", "valid": "test"}, True),
+    "lm1b": ("dvruette/lm1b", None, {"train": "train", "valid": "test"}, True),  # local copy: lm1b_corpus
 }
 HUB_ALIASES = {"wikitext-2-raw-v1": "wikitext-2", "wikitext-103-raw-v1": "wikitext-103",
                "wikitext2": "wikitext-2", "wikitext103": "wikitext-103"}
@@ -292,12 +292,42 @@ def hub_corpus(name: str) -> Corpus:
                   description=f"hub dataset {repo} {config or ''}".strip())
 
 
+# ----------------------------------------------------------------------------- One Billion Word, local
+LM1B_TRAIN = "training-monolingual.tokenized.shuffled"
+LM1B_HELDOUT = "heldout-monolingual.tokenized.shuffled"
+LM1B_HINT = "pass the extracted 1-billion-word-language-modeling-benchmark-r13output directory"
+
+
+def lm1b_corpus(dataset_dir) -> Corpus:
+    """The One Billion Word Benchmark as its release lays it out: one sentence per line in
+    ``training-monolingual.tokenized.shuffled/news.en-000NN-of-00100`` (training) and the first held-out
+    file, ``heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050``, as validation (as is
+    usual; the other 49 held-out files are left for testing)."""
+    root = Path(os.path.expanduser(str(dataset_dir))).absolute()
+    if not root.is_dir():
+        raise DataError(f"--dataset-dir {root} is not a directory; {LM1B_HINT}")
+    train = sorted(glob.glob(str(root / LM1B_TRAIN / "news.en-[0-9][0-9][0-9][0-9][0-9]-of-00100")))
+    if not train:
+        raise DataError(f"{root} holds no training text ({LM1B_TRAIN}/news.en-000NN-of-00100); {LM1B_HINT}")
+    valid = root / LM1B_HELDOUT / "news.en.heldout-00000-of-00050"
+    if not valid.is_file():
+        raise DataError(f"{root} has no {LM1B_HELDOUT}/{valid.name} (the validation file); {LM1B_HINT}")
+    corpus = file_corpus(train, [str(valid)])
+    corpus.description = f"One Billion Word Benchmark at {root}: {len(train)} training files, heldout-00000 as valid"
+    return corpus
+
+
 def make_corpus(train_files=None, valid_files=None, dataset=None,
-                holdout_fraction: float = 0.05) -> Corpus:
+                holdout_fraction: float = 0.05, dataset_dir=None) -> Corpus:
     if dataset and train_files:
         raise DataError("pass either --dataset or --train-file, not both")
     if valid_files and not train_files:
         raise DataError("--valid-file needs --train-file")
+    if dataset_dir is not None:
+        if HUB_ALIASES.get(dataset, dataset) != "lm1b":
+            raise DataError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
+                            "--dataset lm1b (other local text: --train-file)")
+        return lm1b_corpus(dataset_dir)
     if dataset:
         return hub_corpus(dataset)
     if train_files:
