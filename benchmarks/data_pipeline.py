@@ -9,7 +9,7 @@ process tree (main + tokenizer workers). The baseline tokenizes the same file wi
 model, also in a child. Sizes never share a process, so their peaks cannot contaminate each other.
 
     python benchmarks/data_pipeline.py --text valid.txt test.txt --quick --out bench.json
-    python benchmarks/data_pipeline.py --text valid.txt test.txt --sizes 10M,100M,1B
+    python benchmarks/data_pipeline.py --text valid.txt test.txt --sizes 10M,100M --encoders
 """
 from __future__ import annotations
 
@@ -121,6 +121,33 @@ def baseline_child(corpus: str, model: str, cache: str) -> None:
     print(json.dumps({"num_tokens": n, "seconds": time.time() - t0}))
 
 
+def compare_encoders(corpus: Path, model_file: str, max_bytes: int = 64 << 20) -> dict:
+    """SentencePiece (what preparation uses) against the Rust ``tokenizers`` unigram built from the same
+    model (megatie's export path), both with every core, on the first ``max_bytes`` of ``corpus``:
+    throughput and the share of lines whose ids are identical (preparation needs all of them)."""
+    import sentencepiece as spm
+
+    from megatie.hf_tokenizer import fast_from_sentencepiece
+
+    with open(corpus, "rb") as f:
+        lines = [ln.strip() for ln in f.read(max_bytes).decode("utf-8", "ignore").splitlines() if ln.strip()]
+    size = sum(len(ln.encode()) + 1 for ln in lines)
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    t0 = time.perf_counter()
+    sp_ids = sp.encode(lines, num_threads=os.cpu_count() or 1)
+    sp_s = time.perf_counter() - t0
+    fast = fast_from_sentencepiece(model_file)._tokenizer
+    t0 = time.perf_counter()
+    rust_ids = [e.ids for e in fast.encode_batch(lines, add_special_tokens=False)]
+    rust_s = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(sp_ids, rust_ids))
+    return {"text_mb": round(size / 2**20, 1), "lines": len(lines),
+            "sentencepiece_mb_per_s": round(size / 2**20 / sp_s, 2),
+            "tokenizers_rust_mb_per_s": round(size / 2**20 / rust_s, 2),
+            "rust_over_sentencepiece": round(sp_s / rust_s, 3),
+            "lines_with_identical_ids": same, "identical_share": round(same / max(len(lines), 1), 6)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text", nargs="+", required="--child-baseline" not in (argv or sys.argv),
@@ -134,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="where corpora and shards go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--encoders", action="store_true", help="also compare SentencePiece with the Rust "
+                    "tokenizers implementation of the same model (speed, identical ids)")
     ap.add_argument("--out", default="data_pipeline.json")
     ap.add_argument("--child-baseline", nargs=3, metavar=("CORPUS", "MODEL", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -187,6 +216,8 @@ def main(argv=None) -> int:
                            map_tokens_per_second=round(binfo["num_tokens"] / b["wall_s"]),
                            map_peak_rss_mb=round(b["peak_rss_mb"], 1),
                            speedup_vs_datasets_map=round(b["wall_s"] / r["wall_s"], 2))
+            if args.encoders and n == sizes[-1]:
+                row["encoders"] = compare_encoders(corpora[n], tok.model_file)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -48,6 +48,7 @@ def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 class Trainer:
     def __init__(self, cfg: TrainConfig, sync: RankSync | None = None, device: torch.device | None = None,
                  observer=None):
+        started = time.perf_counter()
         self.sync = sync or RankSync()
         rank, world_size = self.rank, self.world_size = self.sync.rank, self.sync.world_size
         self.device = device or self.sync.device
@@ -73,6 +74,7 @@ class Trainer:
             tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
             cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size,
             barrier=self.sync.barrier)
+        self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
         # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
         cfg.vocab_size = self.data.vocab_size
 
@@ -127,6 +129,7 @@ class Trainer:
             self._save_tokenizer()
             if checkpoint is not None:
                 self.logger.log(self.resume_record, self.step)
+        self.setup_s = time.perf_counter() - started
 
     def _save_tokenizer(self) -> None:
         """The run carries its tokenizer (``megatie export`` and ``eval`` read it from there)."""
@@ -342,6 +345,8 @@ class Trainer:
             "mfu": self._mfu(),
             "peak_flops": self.peak_flops,
             "train_time_s": self.stats["train_time"],
+            "setup_s": self.setup_s,
+            "data_setup_s": self.data_setup_s,
             "peak_memory_bytes": most["peak_bytes"],
             "avg_memory_bytes": most["avg_bytes"],
             "peak_reserved_bytes": most["peak_reserved_bytes"],

@@ -12,7 +12,7 @@ from megatie.data.tokenizers import load_tokenizer
 from megatie.errors import DataError
 
 FORMAT = "megatie-tokens/1"
-HEAD_TOKENS = 1 << 20   # ids of every shard checked when it is opened; the rest as batches read them
+HEAD_TOKENS = 1 << 16   # ids of every shard checked when it is opened (128 KiB); the rest as batches read them
 
 
 def check_token_ids(path, ids: np.ndarray, vocab_size: int, start: int = 0) -> None:
