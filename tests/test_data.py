@@ -250,6 +250,9 @@ def test_shard_size_mismatch(text_file, tmp_path):
         f.truncate(shard.stat().st_size - 2)
     with pytest.raises(DataError, match="has .* bytes but meta.json says"):
         build_lm_data(data_dir=out)
+    shard.unlink()                                      # removed between preparation and training
+    with pytest.raises(DataError, match=f"shard {shard} is missing; delete {out} and prepare again"):
+        build_lm_data(data_dir=out)
 
 
 @pytest.fixture(scope="module")

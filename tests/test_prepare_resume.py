@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,21 @@ def test_a_second_preparer_is_refused_at_once(text, tmp_path):
     finally:
         lock.release()
     assert (_prepare(text, tmp_path / "D", tmp_path / "c") / "meta.json").exists()
+
+
+def test_a_training_run_waits_for_another_preparer_and_takes_over_if_it_stops(text, tmp_path):
+    stage = tmp_path / ".D.partial"
+    stage.mkdir()
+    lock = RunLock(str(stage)).acquire()              # another run is preparing D
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(out=_prepare(text, tmp_path / "D", tmp_path / "c",
+                                                                        wait=True)))
+    waiter.start()
+    time.sleep(2.5)
+    assert waiter.is_alive() and not (tmp_path / "D").exists()     # waiting, not failing, not writing
+    lock.release()                                    # that run stopped without finishing: take over
+    waiter.join(120)
+    assert not waiter.is_alive() and (result["out"] / "meta.json").exists()
 
 
 def _launch(*args, **popen):

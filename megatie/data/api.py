@@ -103,7 +103,7 @@ def build_lm_data(train_files=None, valid_files=None, dataset=None, dataset_dir=
     if rank == 0:
         if read_meta(out) is None:
             prepare(corpus, out, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir,
-                    num_workers=num_workers, log=log)
+                    num_workers=num_workers, log=log, wait=True)
         if barrier is not None:
             barrier()
     else:

@@ -169,9 +169,11 @@ def request_key(corpus: Corpus, tokenizer: str, vocab_size: int) -> tuple[dict, 
 
 def prepare(corpus: Corpus, out_dir, *, tokenizer: str = "sentencepiece", vocab_size: int = 4096,
             cache_dir="~/.cache/megatie", num_workers: int | None = None,
-            shard_tokens: int = SHARD_TOKENS, log=None, progress: bool = False) -> Path:
+            shard_tokens: int = SHARD_TOKENS, log=None, progress: bool = False, wait: bool = False) -> Path:
     """Tokenize ``corpus`` into ``out_dir``; a cache hit if it already holds this request, and a
-    continuation if an earlier run of the same request was interrupted (see ``journal``)."""
+    continuation if an earlier run of the same request was interrupted (see ``journal``). Another live
+    process preparing the same directory is an error, or with ``wait`` (training runs sharing a cache)
+    waited for: its result is used, or its work continued if it stops without finishing."""
     out_dir = Path(os.path.expanduser(str(out_dir))).absolute()
     req, key = request_key(corpus, tokenizer, vocab_size)
     meta = read_meta(out_dir)
@@ -186,7 +188,9 @@ def prepare(corpus: Corpus, out_dir, *, tokenizer: str = "sentencepiece", vocab_
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out_dir)
     stage = out_dir.parent / f".{out_dir.name}.partial"
-    lock = _lock_stage(stage, out_dir)
+    lock = _lock_stage(stage, out_dir, wait)
+    if lock is None:                     # prepared meanwhile by the process we waited for
+        return prepare(corpus, out_dir, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir)
     try:
         journal = Journal(stage, key)
         if not journal.load():
@@ -217,13 +221,20 @@ def prepare(corpus: Corpus, out_dir, *, tokenizer: str = "sentencepiece", vocab_
     return out_dir
 
 
-def _lock_stage(stage: Path, out_dir: Path) -> RunLock:
-    stage.mkdir(exist_ok=True)
-    try:
-        return RunLock(str(stage)).acquire()
-    except RunLockedError:
-        raise DataError(f"another process is preparing {out_dir} (its lock: {stage / LOCK_NAME}); wait for it "
-                        "to finish or choose another --out-dir") from None
+def _lock_stage(stage: Path, out_dir: Path, wait: bool) -> RunLock | None:
+    while True:
+        stage.mkdir(exist_ok=True)
+        try:
+            return RunLock(str(stage)).acquire()
+        except RunLockedError:
+            if not wait:
+                raise DataError(f"another process is preparing {out_dir} (its lock: {stage / LOCK_NAME}); wait "
+                                "for it to finish or choose another --out-dir") from None
+        except FileNotFoundError:   # the other process sealed and renamed the stage just now
+            pass
+        if read_meta(out_dir) is not None:
+            return None
+        time.sleep(1.0)
 
 
 def _empty_dir(stage: Path) -> None:
