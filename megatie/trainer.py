@@ -73,7 +73,7 @@ class Trainer:
             dataset_dir=cfg.dataset_dir,
             tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
             cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size,
-            barrier=self.sync.barrier)
+            barrier=self.sync.barrier, progress=cfg.progress)
         self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
         # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
         cfg.vocab_size = self.data.vocab_size

@@ -84,7 +84,7 @@ def _wait_for(path: Path, timeout: float = 6 * 3600):
 def build_lm_data(train_files=None, valid_files=None, dataset=None, dataset_dir=None, tokenizer="sentencepiece",
                   vocab_size=4096, seq_len=128, cache_dir=DEFAULT_CACHE, data_dir=None,
                   holdout_fraction=0.05, rank=0, world_size=1, barrier=None, mlm=False,
-                  num_workers=None, log=None) -> LMData:
+                  num_workers=None, log=None, progress=False) -> LMData:
     if int(seq_len) < 1:
         raise DataError(f"seq_len must be positive, got {seq_len}")
     sources_given = bool(train_files or dataset or dataset_dir)
@@ -103,7 +103,7 @@ def build_lm_data(train_files=None, valid_files=None, dataset=None, dataset_dir=
     if rank == 0:
         if read_meta(out) is None:
             prepare(corpus, out, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir,
-                    num_workers=num_workers, log=log, wait=True)
+                    num_workers=num_workers, log=log, wait=True, progress=progress)
         if barrier is not None:
             barrier()
     else:
