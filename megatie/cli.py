@@ -154,7 +154,8 @@ def given_flags(argv) -> set[str]:
 def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """For a resumed run, the settings not given on the command line are unset (None), so that the
     trainer takes them from the checkpoint: ``--resume auto`` alone continues the run as it was."""
-    values = {k: (v if k in given or k in FREE else None) for k, v in vars(cfg).items()}
+    # The model family is the launcher's, never taken from the checkpoint: a mismatch is refused.
+    values = {k: (v if k in given or k in FREE or k == "model" else None) for k, v in vars(cfg).items()}
     return TrainConfig(**values)
 
 
@@ -264,9 +265,11 @@ def check_precision(cfg: TrainConfig) -> None:
                       f"accelerator does not support on this machine; use ds_configs/zero2.json (fp32){also}")
 
 
-def train_main(argv=None) -> dict:
+def train_main(argv=None, model: str = "gpt2") -> dict:
+    """Train a model of family ``model`` (the launcher's: train_gpt2.py, train_llama.py) with ``argv``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config_from_args(build_parser().parse_args(argv))
+    cfg.model = model
     # Validate everything (a bad DeepSpeed config included) before any process group exists; the
     # Trainer resolves the config again itself.
     resolved = cfg.resolved()

@@ -15,7 +15,7 @@ from megatie.errors import ConfigError
 
 
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
-STRUCTURAL = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
+STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
 # Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
 FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
@@ -34,7 +34,8 @@ class TrainConfig:
     resume: str | None = None
     # Settings a resumed run may change from its checkpoint's (megatie.resume says which need it).
     allow_changed: list[str] = field(default_factory=list)
-    # model
+    # model: the family is the launcher's (train_gpt2.py, train_llama.py), the shape the preset's or the flags'
+    model: str = "gpt2"
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -138,6 +139,10 @@ class TrainConfig:
         return self.deepspeed_config is not None
 
     def validate(self) -> None:
+        from megatie.choices import MODEL_FAMILIES
+
+        if self.model not in MODEL_FAMILIES:
+            raise ConfigError(f"unknown model family {self.model!r}; choose one of {', '.join(MODEL_FAMILIES)}")
         positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
                     "tie_every", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "reward_batch_size"]

@@ -55,16 +55,17 @@ def is_run_dir(path: str) -> bool:
 
 def load_run(run_dir: str, which: str = "best"):
     """``(model, tying, settings)``: the run's model with its ties, weights of checkpoint ``which``."""
-    from megatie.models import build_gpt2
+    from megatie.models import get_spec
     from megatie.tying import LayerTying
 
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
     tensors, _, trainer_state = load_checkpoint(checkpoint_of(run_dir, which))
     settings = trainer_state["settings"]
-    model = build_gpt2(settings["n_layer"], settings["n_embd"], settings["n_head"], settings["seq_len"],
+    spec = get_spec(settings.get("model", "gpt2"))  # runs from before families were named are GPT-2
+    model = spec.build(settings["n_layer"], settings["n_embd"], settings["n_head"], settings["seq_len"],
                        settings["vocab_size"], 0.0, seed=0)
-    tying = LayerTying(model, settings["tie_mode"])
+    tying = LayerTying(model, settings["tie_mode"], block_path=spec.block_path)
     tying.load_state_dict(trainer_state["controller"]["tying"])
     load_model_tensors(model, tensors)
     model.eval()
@@ -140,12 +141,10 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
 
 
 def _write_hf(model, tying, tmp: str) -> None:
-    from transformers import GPT2LMHeadModel
-
     config = model.config
     config._attn_implementation = None  # let the loading side choose its attention kernel
     setattr(config, TIE_STATE_KEY, list(tying.state))  # so that fine-tuning can keep the ties
-    plain = GPT2LMHeadModel(config)
+    plain = type(model)(config)  # the same transformers class, every block with weights of its own
     plain.load_state_dict(untied_state_dict(model, tying))
     plain.save_pretrained(tmp, safe_serialization=True)
 
@@ -167,17 +166,17 @@ def _write_compact(model, tying, tmp: str) -> None:
 def load_compact(path: str):
     """The compact export's model, its tied blocks sharing their root's tensors."""
     from safetensors.torch import load_file
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatie.tying import LayerTying
 
     try:
         with open(os.path.join(path, COMPACT_MAP), encoding="utf-8") as f:
             tie_map = json.load(f)
-        config = GPT2Config.from_json_file(os.path.join(path, "config.json"))
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path!r} is not a compact megatie export: {e}") from None
-    model = GPT2LMHeadModel(config)
+    model = AutoModelForCausalLM.from_config(config)
     LayerTying(model, "shared", tie_map["block_path"]).initialize(tie_map["state"])
     load_model_tensors(model, load_file(os.path.join(path, "model.safetensors")))
     return model.eval()
@@ -189,11 +188,13 @@ def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)"
             if fmt == "hf" else "from megatie.export import load_compact\nmodel = load_compact(PATH)")
+    family = settings.get("model", "gpt2")
+    title = {"gpt2": "GPT-2", "llama": "A Llama-style decoder"}.get(family, family)
     card = f"""---
 library_name: transformers
-tags: [gpt2, megatie, layer-tying]
+tags: [{family}, megatie, layer-tying]
 ---
-# GPT-2 trained from scratch with dynamic layer tying (megatie)
+# {title} trained from scratch with dynamic layer tying (megatie)
 
 - Shape: {settings['n_layer']} blocks, d={settings['n_embd']}, {settings['n_head']} heads, context {settings['seq_len']},
   vocabulary {settings['vocab_size']} ({settings['tokenizer']} tokenizer).

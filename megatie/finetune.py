@@ -31,12 +31,16 @@ def load_backbone(source: str, checkpoint: str = "best"):
     from megatie.export import COMPACT_MAP, is_run_dir, load_compact, load_run, untied_state_dict
 
     if is_run_dir(source):
-        model, tying, _ = load_run(source, checkpoint)
+        model, tying, settings = load_run(source, checkpoint)
+        if settings.get("model", "gpt2") != "gpt2":
+            raise ConfigError(f"{source!r} is a {settings['model']} run; fine-tuning takes GPT-2 runs so far")
         return model.config, untied_state_dict(model, tying), list(tying.state), os.path.join(source, "tokenizer")
     if os.path.isfile(os.path.join(source, COMPACT_MAP)):
         with open(os.path.join(source, COMPACT_MAP), encoding="utf-8") as f:
             state = json.load(f)["state"]
         model = load_compact(source)
+        if model.config.model_type != "gpt2":
+            raise ConfigError(f"{source!r} holds a {model.config.model_type} model; fine-tuning takes GPT-2 so far")
     elif os.path.isfile(os.path.join(source, "config.json")):
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -16,6 +16,11 @@ import torch
 from megatie.errors import ConfigError, DataError
 
 
+def context_length(config) -> int:
+    """Positions the model can attend over (GPT-2 calls it n_positions, Llama max_position_embeddings)."""
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+
 def load_for_inference(source: str, checkpoint: str = "best"):
     """``(model, tokenizer)`` from a run directory, an ``hf`` export or a ``compact`` export."""
     from megatie.export import COMPACT_MAP, is_run_dir, load_compact, load_run
@@ -67,7 +72,7 @@ def _token_ids(tokenizer, path: str) -> torch.Tensor:
 def perplexity(model, tokenizer, path: str, batch_size: int = 8) -> dict:
     """Perplexity of ``model`` on the text of ``path`` (every token but each window's first predicted)."""
     ids = _token_ids(tokenizer, path)
-    window = int(model.config.n_positions)
+    window = context_length(model.config)
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) > 1]
     total, count = 0.0, 0
@@ -86,7 +91,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 50, temperatur
              top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
     """Sample a continuation of ``prompt`` with transformers' ``generate`` (greedy at temperature 0)."""
     ids = tokenizer.encode(prompt)
-    context = int(model.config.n_positions)
+    context = context_length(model.config)
     if not ids:
         raise ConfigError("the prompt is empty")
     if len(ids) + max_new_tokens > context:

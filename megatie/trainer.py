@@ -78,11 +78,12 @@ class Trainer:
         # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
         cfg.vocab_size = self.data.vocab_size
 
-        from megatie.models import build_gpt2  # transformers: seconds of imports, once checkpoint and data are good
+        from megatie.models import get_spec  # transformers: seconds of imports, once checkpoint and data are good
 
-        self.model = build_gpt2(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
+        spec = get_spec(cfg.model)
+        self.model = spec.build(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
                                 cfg.dropout, seed=cfg.seed, device=self.device)
-        self.tying = LayerTying(self.model, cfg.tie_mode)
+        self.tying = LayerTying(self.model, cfg.tie_mode, block_path=spec.block_path)
         self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
                                                      cfg.n_layer, cfg.n_embd, cfg.seq_len)
         self.peak_flops = None  # no MFU on a CPU
@@ -184,6 +185,10 @@ class Trainer:
 
     def _check_checkpoint_fits(self, checkpoint) -> None:
         step, cfg = self.resume_record["step"], self.cfg
+        family = checkpoint[2]["settings"].get("model", "gpt2")  # runs from before families were named: GPT-2
+        if family != cfg.model:
+            raise CheckpointError(f"checkpoint was made with model={family!r}, this run has {cfg.model!r}; the model "
+                                  f"and its tie structure cannot change on resume (use train_{family}.py)")
         check_engine(checkpoint[1], cfg, self.world_size)
         check_timeline(self.resumed_from, step, cfg.out_dir)
         check_max_steps(step, cfg.max_steps)

@@ -46,7 +46,7 @@ def _corpus_file(path: Path, copies: int) -> Path:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    return _corpus_file(tmp_path_factory.mktemp("text") / "corpus.txt", 2)
+    return _corpus_file(tmp_path_factory.mktemp("text") / "corpus.txt", 3)   # about 20 tasks
 
 
 @pytest.fixture

@@ -1,0 +1,31 @@
+"""Model families: one module per family, each a ``ModelSpec`` (see ``spec.py``).
+
+A family module builds its transformers model from a run's shape settings, names where its blocks
+live and its causal or masked objective. ``get_spec(name)`` imports only the family asked for (each
+pulls in transformers), so the launchers' parsers stay light; the names themselves are in
+``megatie.choices.MODEL_FAMILIES``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from megatie.models.spec import ModelSpec, quiet_build
+
+__all__ = ["ModelSpec", "get_spec", "build_gpt2", "quiet_build"]
+
+
+def get_spec(family: str) -> ModelSpec:
+    from megatie.choices import MODEL_FAMILIES
+
+    if family not in MODEL_FAMILIES:
+        from megatie.errors import ConfigError
+
+        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
+    return importlib.import_module(f"megatie.models.{family}").SPEC
+
+
+def build_gpt2(*args, **kwargs):
+    """GPT-2 as the trainer builds it (kept for callers that name the family directly)."""
+    from megatie.models.gpt2 import build_gpt2 as build
+
+    return build(*args, **kwargs)
