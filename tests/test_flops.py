@@ -3,7 +3,7 @@
 import pytest
 
 from megatie.flops import PEAK_TFLOPS, mfu, model_flops_per_token, peak_flops
-from megatie.models import build_gpt2
+from megatie.models.gpt2 import build_gpt2
 from megatie.tying import LayerTying
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from megatie.cli import build_parser, config_from_args
 from megatie.models import get_spec
 from megatie.trainer import Trainer
 from megatie.tying import LayerTying
+from test_zero_distributed import _port
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "launchers" / "train_llama.py"
@@ -112,9 +112,7 @@ def test_launcher_trains_exports_and_refuses_another_familys_checkpoint(tmp_path
 def test_two_ranks_zero2_train_llama_with_regroups_and_agree(tmp_path):
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MEGATIE_DEBUG")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(LLAMA), "--deepspeed",

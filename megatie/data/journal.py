@@ -32,7 +32,6 @@ class ShardWriter:
         self.shards = [dict(s) for s in shards or []]
         self.f = None
         self.n = self.shards[-1]["num_tokens"] if self.shards else 0
-        self.total = sum(s["num_tokens"] for s in self.shards)
         self._drop_unconfirmed()
         if self.shards:
             self.f = open(self.root / self.shards[-1]["file"], "r+b")
@@ -59,7 +58,6 @@ class ShardWriter:
             take = min(arr.size, self.cap - self.n)
             self.f.write(arr[:take].tobytes())
             self.n += take
-            self.total += take
             self.shards[-1]["num_tokens"] = self.n
             arr = arr[take:]
 
@@ -87,7 +85,7 @@ class Journal:
 
     def __init__(self, stage: Path, key: str):
         self.path, self.key = Path(stage) / JOURNAL, key
-        self.data = {"request_key": key, "tokenizer": None, "done": {}, "current": None}
+        self.data = {"request_key": key, "tokenizer": None, "done": {}, "done_bytes": {}, "current": None}
         self._last = 0.0
 
     def load(self) -> bool:
@@ -117,14 +115,14 @@ class Journal:
 
     def bytes_done(self) -> int:
         cur = self.data["current"]
-        return sum(self.data.get("done_bytes", {}).values()) + (cur["bytes"] if cur else 0)
+        return sum(self.data["done_bytes"].values()) + (cur["bytes"] if cur else 0)
 
     def record_tokenizer(self, tok_meta: dict) -> None:
         self.data["tokenizer"] = tok_meta
         self._write()
 
-    def record_task(self, stream: str, tasks: int, text_bytes: int, writer: ShardWriter, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last < JOURNAL_EVERY_S:
+    def record_task(self, stream: str, tasks: int, text_bytes: int, writer: ShardWriter) -> None:
+        if time.monotonic() - self._last < JOURNAL_EVERY_S:
             return
         writer.sync()
         self.data["current"] = {"stream": stream, "tasks": tasks, "bytes": text_bytes,
@@ -133,7 +131,7 @@ class Journal:
 
     def record_stream(self, stream: str, shards: list[dict], text_bytes: int) -> None:
         self.data["done"][stream] = shards
-        self.data.setdefault("done_bytes", {})[stream] = text_bytes
+        self.data["done_bytes"][stream] = text_bytes
         self.data["current"] = None
         self._write()
 

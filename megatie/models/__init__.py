@@ -11,7 +11,7 @@ import importlib
 
 from megatie.models.spec import ModelSpec, quiet_build
 
-__all__ = ["ModelSpec", "get_spec", "build_gpt2", "quiet_build"]
+__all__ = ["ModelSpec", "get_spec", "quiet_build"]
 
 
 def get_spec(family: str) -> ModelSpec:
@@ -23,9 +23,3 @@ def get_spec(family: str) -> ModelSpec:
         raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
     return importlib.import_module(f"megatie.models.{family}").SPEC
 
-
-def build_gpt2(*args, **kwargs):
-    """GPT-2 as the trainer builds it (kept for callers that name the family directly)."""
-    from megatie.models.gpt2 import build_gpt2 as build
-
-    return build(*args, **kwargs)
