@@ -15,13 +15,13 @@ import zlib
 import pytest
 import torch
 
+from megatie.kernels import CopyPlan, multi_tensor_copy_
 from megatie.kernels import copy as copy_mod
-from megatie.kernels import multi_tensor_copy_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-# Small chunks make even tiny tensors span several programs, so chunk boundaries, tails and
-# the tensor search are exercised without paying for big tensors in the interpreter.
+# Small chunks make even tiny tensors span several chunks and programs, so chunk boundaries,
+# tails and the tensor search are exercised without paying for big tensors in the interpreter.
 SMALL_BLOCK_BYTES = 64
 
 
@@ -90,9 +90,9 @@ def check_guarded(buf, dsts, srcs):
     assert torch.equal(bits(buf), bits(expected))
 
 
-def run_copy(backend, dsts, srcs, block_bytes=None):
+def run_copy(backend, dsts, srcs):
     if backend == "triton-small-block":
-        copy_mod._copy_triton(dsts, srcs, block_bytes=block_bytes or SMALL_BLOCK_BYTES)
+        CopyPlan(dsts, srcs, backend="triton", chunk_bytes=SMALL_BLOCK_BYTES).run()
     else:
         multi_tensor_copy_(dsts, srcs, backend=backend)
 
@@ -173,21 +173,10 @@ def test_non_contiguous_pairs_copied(backend):
         assert torch.equal(bits(backing[1::2]), bits(poison_(torch.empty(301, dtype=dtype))))
 
 
-def test_many_tensors_every_search_depth(interpret):
-    """Tensor counts around powers of two exercise every depth of the chunk->tensor search."""
-    gen = torch.Generator().manual_seed(4)
-    for count in [1, 2, 3, 4, 5, 8, 9, 17, 64, 200]:
-        sizes = torch.randint(1, 40, (count,), generator=gen).tolist()
-        srcs = [special_values(n, torch.float32, gen) for n in sizes]
-        buf, dsts = make_guarded(sizes, torch.float32, gen)
-        copy_mod._copy_triton(dsts, srcs, block_bytes=SMALL_BLOCK_BYTES)
-        check_guarded(buf, dsts, srcs)
-
-
-def test_large_tensor_default_block(interpret):
-    """A few million elements, not a multiple of the block, among tiny tensors."""
+def test_large_tensor_default_chunk(interpret):
+    """Hundreds of default-size chunks, not a multiple of the chunk, among tiny tensors."""
     gen = torch.Generator().manual_seed(5)
-    sizes = [3, 3_000_011, 1, 8191, 8193]
+    sizes = [3, 1_000_003, 1, 8191, 8193]
     srcs = [special_values(n, torch.float32, gen) for n in sizes]
     buf, dsts = make_guarded(sizes, torch.float32, gen)
     multi_tensor_copy_(dsts, srcs, backend="triton")
@@ -209,7 +198,7 @@ def test_property_random_lists(interpret):
         gen = torch.Generator().manual_seed(seed)
         srcs = [special_values(n, DTYPES[dtype_idx[i]], gen) for i, n in enumerate(sizes)]
         dsts = [poison_(torch.empty_like(s)) for s in srcs]
-        copy_mod._copy_triton(dsts, srcs, block_bytes=block_bytes)
+        CopyPlan(dsts, srcs, backend="triton", chunk_bytes=block_bytes, max_programs=3).run()
         for d, s in zip(dsts, srcs):
             assert_bitwise_equal(d, s)
 
@@ -220,26 +209,11 @@ def test_property_random_lists(interpret):
 
 
 def test_launch_count_is_small(interpret):
-    from megatie.kernels import triton_copy
-
     srcs = [torch.randn(n) for n in (10, 20, 30)] + [torch.randn(n).bfloat16() for n in (5, 6)]
     dsts = [torch.empty_like(s) for s in srcs]
-    assert triton_copy.fused_copy_(dsts, srcs) == 2  # one per element size
-    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
-
-
-def test_metadata_cache_reused_and_correct(interpret):
-    from megatie.kernels import triton_copy
-
-    triton_copy.clear_cache()
-    srcs = [torch.randn(n) for n in (10, 2000)]
-    dsts = [torch.empty_like(s) for s in srcs]
-    multi_tensor_copy_(dsts, srcs, backend="triton")
-    assert len(triton_copy._META_CACHE) == 1
-    for s in srcs:
-        s.add_(1.0)  # same addresses, new values
-    multi_tensor_copy_(dsts, srcs, backend="triton")
-    assert len(triton_copy._META_CACHE) == 1
+    plan = CopyPlan(dsts, srcs, backend="triton")
+    assert plan.launches == 1  # bytewise: one launch whatever the dtypes
+    plan.run()
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
 
 
@@ -266,7 +240,7 @@ def test_triton_on_cpu_without_interpreter_refused(monkeypatch):
 
 def test_auto_on_cpu_uses_torch(monkeypatch):
     calls = []
-    monkeypatch.setattr(copy_mod, "_copy_triton", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(copy_mod.CopyPlan, "_build_fused", lambda *a, **k: calls.append(a))
     d, s = torch.zeros(4), torch.ones(4)
     multi_tensor_copy_([d], [s])
     assert calls == [] and torch.equal(d, s)
@@ -303,34 +277,37 @@ def test_empty_list_is_noop(backend):
 
 
 def test_kernel_vectorises_for_cuda():
-    """Compile the CUDA variant offline (no GPU needed) and look for 16-byte accesses.
+    """Compile the CUDA variants offline (no GPU needed) and count 16-byte accesses.
 
-    The alignment hints are what make full chunks use 128-bit loads/stores; a regression
-    there costs most of the bandwidth while every correctness test still passes.
+    The alignment hints make both the full-chunk and the masked last-chunk accesses 128-bit;
+    a regression there costs most of the bandwidth while every correctness test still passes.
     """
     triton = pytest.importorskip("triton")
     from triton.runtime.jit import JITFunction
 
-    from megatie.kernels import triton_copy
+    from megatie.kernels import triton_copy as tc
 
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError:
         pytest.skip("this Triton has no offline compile API")
-    fn = JITFunction(triton_copy._multi_tensor_copy_kernel)
-    sig = {"meta_ptr": "*i64", "n_tensors": "i32", "ELEM": "constexpr", "BLOCK": "constexpr",
-           "SEARCH_STEPS": "constexpr", "ALIGNED": "constexpr"}
+    fn = JITFunction(tc._copy_kernel)
+    sig = {"meta_ptr": "*i64", "n_tensors": "i32", "n_chunks": "i32", "search_steps": "i32",
+           "WORD": "constexpr", "WORD_BYTES": "constexpr", "CHUNK": "constexpr", "VEC": "constexpr"}
     counts = {}
-    for aligned in (True, False):
-        consts = {"ELEM": triton.language.int16, "BLOCK": triton_copy.BLOCK_BYTES // 2,
-                  "SEARCH_STEPS": 4, "ALIGNED": aligned}
+    for cls in (tc.VECTOR_BYTES, 8, 2):
+        word_type, word = tc._WORDS[cls]
+        consts = {"WORD": word_type, "WORD_BYTES": word, "CHUNK": tc.CHUNK_BYTES // word, "VEC": cls == tc.VECTOR_BYTES}
         try:
             compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": triton_copy.NUM_WARPS, "enable_fp_fusion": False})
+                                      options={"num_warps": tc.NUM_WARPS, "enable_fp_fusion": False})
         except Exception as exc:  # missing ptxas / backend in this install
             pytest.skip(f"offline CUDA compile unavailable: {exc!r}"[:200])
         ptx = compiled.asm["ptx"]
-        counts[aligned] = (len(re.findall(r"ld\.global\.v4", ptx)), len(re.findall(r"st\.global\.v4", ptx)))
-    assert counts[True][0] > 0 and counts[True][1] > 0
-    assert counts[False] == (0, 0)  # misaligned variant must not assume alignment
+        counts[cls] = (len(re.findall(r"ld\.global[.\w]*\.v4", ptx)), len(re.findall(r"st\.global[.\w]*\.v4", ptx)))
+    # Each thread moves CHUNK_BYTES / (32 * NUM_WARPS) bytes per chunk in 16-byte vectors,
+    # once in the full-chunk branch and once in the masked one.
+    per_branch = tc.CHUNK_BYTES // (32 * tc.NUM_WARPS * 16)
+    assert counts[tc.VECTOR_BYTES] == (2 * per_branch, 2 * per_branch)
+    assert counts[8] == counts[2] == (0, 0)  # misaligned classes must not assume alignment
