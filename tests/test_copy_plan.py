@@ -113,6 +113,25 @@ def test_word_classes():
     assert {k: word_class(*k) for k in cases} == cases
 
 
+def test_table_rows():
+    """Vector bodies are whole 16-byte vectors (the kernel's mask hint relies on it), tails are
+    shorter than one, every tensor owns at least one chunk, and the sentinel closes the table."""
+    from megatie.kernels.triton_copy import _WORDS, _rows
+
+    sizes = [1, 15, 16, 17, 63, 64, 65, 80, 1000, 4096, 4097]
+    for cls in (16, 8, 4, 2, 1):
+        word = _WORDS[cls][1]
+        for chunk_bytes in (16, 64, 256):
+            rows, chunks = _rows([(0, 0, n) for n in sizes], cls, chunk_bytes // word)
+            _, _, body, tail, first = rows
+            assert [b * word + t for b, t in zip(body, tail)][:-1] == sizes
+            assert all(t < cls and (b * word) % cls == 0 for b, t in zip(body, tail))
+            owned = [b - a for a, b in zip(first, first[1:])]
+            assert owned == [-(-(b * word) // chunk_bytes) + (b * word % chunk_bytes == 0 and t > 0)
+                             for b, t in zip(body[:-1], tail[:-1])]
+            assert min(owned) >= 1 and first[0] == 0 and first[-1] == chunks
+
+
 def test_large_tensor_among_small_ones(interpret):
     """One tensor of hundreds of chunks spread over several programs, between tiny ones."""
     layout = [(torch.float32, 3, 0, 0), (torch.float32, 10_007, 0, 0), (torch.bfloat16, 1, 0, 0),
