@@ -201,6 +201,8 @@ class FusedCopy:
         self._check_mode()
         self._cuda = self.device.type == "cuda"
         self._index = self.device.index
+        # The C getter skips torch.cuda.current_device()'s Python (lazy-init check) on every run.
+        self._current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
         if max_programs is None:
             max_programs = INTERPRETER_PROGRAMS if not self._cuda else \
                 PROGRAMS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -233,14 +235,15 @@ class FusedCopy:
         stream = torch.cuda.current_stream(self.device)
         for event in self._pending:
             stream.wait_event(event)
-        if all(e.query() for e in self._pending):
+        # Querying an event is not allowed while a CUDA graph is being captured.
+        if not torch.cuda.is_current_stream_capturing() and all(e.query() for e in self._pending):
             self._pending = []
 
     def __call__(self) -> None:
         if self._cuda:
             if self._pending:
                 self._wait_upload()
-            if torch.cuda.current_device() != self._index:
+            if self._current_device() != self._index:
                 with torch.cuda.device(self._index):
                     for launch in self.launches:
                         launch()
