@@ -22,14 +22,16 @@ import torch
 
 _BACKENDS = ("auto", "torch", "triton")
 
-# ``auto`` uses Triton only for CUDA lists of at least this many bytes. Provisional: from the
-# H100 figures of the previous (one-chunk-per-program) fused kernel against
-# torch._foreach_copy_, as % of one contiguous copy: foreach won every single-dtype list up to
-# the 123 MB GPT-2-XL fp32 block (61 MB XL bf16: 76% vs 64%; 123 MB XL fp32: 87% vs 66%;
-# 14/28 MB small blocks: 70%/84% vs 13%/39%), the fused kernel won only the mixed-dtype lists
-# (99 MB: 41% vs 25%, which the per-dtype foreach grouping above addresses; 430 MB: 68% vs
-# 66%). Re-measure with benchmarks/copy_kernel.py (run by benchmarks/gpu_suite.py) and move
-# this to the measured crossover of this kernel.
+# ``auto`` uses Triton only for CUDA lists of at least this many bytes. Provisional: it comes
+# from H100 figures (GB/s read+write as % of one contiguous copy) of the previous fused kernel
+# (one chunk per program) against one torch._foreach_copy_ call on the whole list. Foreach won
+# every single-dtype list up to the 123 MB GPT-2-XL fp32 block (foreach vs fused): 14 MB small
+# bf16 70% vs 13%, 28 MB small fp32 84% vs 39%, 61 MB XL bf16 76% vs 64%, 123 MB XL fp32 87% vs
+# 66%. The fused kernel won only the mixed bf16 + fp32 lists (fused vs foreach): 99 MB 41% vs
+# 25% (a mixed list is likely what sent foreach to its per-tensor route; the torch path now
+# calls it once per dtype, not yet measured) and 430 MB 68% vs 66%. Hence Triton from 128 MiB,
+# above the largest list foreach won. Re-measure this kernel with benchmarks/copy_kernel.py
+# (run by benchmarks/gpu_suite.py) and move the threshold to the measured crossover.
 AUTO_TRITON_MIN_BYTES = 128 << 20
 
 
