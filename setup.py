@@ -23,6 +23,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "scikit-learn>=1.3",  # the handwritten digits ViT trains on offline
+        "pillow>=9.0",  # reading image folders
     ],
     extras_require={
         # triton on CPU runs the copy kernel under TRITON_INTERPRET=1 (CUDA builds of torch ship it).

@@ -7,7 +7,8 @@ Steps, in order (``--dry-run`` lists them with time estimates):
    another machine and carried along makes this a few seconds);
 3. gpu-tests: ``pytest -m gpu`` (copy kernel on CUDA, peak memory across resets, DeepSpeed on the
    GPU against the same-device torch reference through regroups);
-4. copy-kernel: the fused copy kernel against ``torch._foreach_copy_`` and a plain loop;
+4. copy-kernel: the copy kernel (one-shot and a reused ``CopyPlan``) and ``auto`` against
+   ``torch._foreach_copy_``, a plain loop and one contiguous copy, with host time per call;
 5. memory-bf16-ac / memory-bf16: the paper's Table 3 shape (GPT-2 48 x 1600, 16 heads, micro-batch
    16, sequence 256, ZeRO-2, bf16), conventional vs megatie, with and without activation
    checkpointing - honest peaks, NVML averages, tokens per second for both (throughput), and

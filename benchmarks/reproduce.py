@@ -7,6 +7,11 @@ the paper's four figures (PNG) for every row of the first seed:
     python benchmarks/reproduce.py --train-file wikitext2-valid.txt --valid-file wikitext2-test.txt \\
         --regime short --out-dir runs/repro
     python benchmarks/reproduce.py ... --regime paper --rows conventional,cycle,qlearning,grow
+    python benchmarks/reproduce.py --family vit --rows conventional,alternate,cycle,qlearning --steps 300
+
+``--family`` picks the launcher (gpt2, llama, bert, vit); the table then carries the family's metric
+(masked-token or top-1 accuracy) and its trivial baseline (unigram perplexity, majority class).
+Without ``--train-file`` every row trains on the launcher's default data (the embedded corpus, digits).
 
 Regimes: ``short`` (600 steps, one evaluation at the end), ``long`` (1500 steps, 6 evaluations) and
 ``paper`` (2000 steps on the first 25% of the training text, 20 evaluations, the best-on-validation
@@ -30,11 +35,18 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "launchers", "train_gpt2.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+FAMILIES = ("gpt2", "llama", "bert", "vit")
+
+
+def launcher(family: str) -> str:
+    return os.path.join(ROOT, "launchers", f"train_{family}.py")
+
 
 # name -> (launcher arguments, what the row is). "{ref}" is the qlearning run of the same seed.
 ROWS: dict[str, tuple[list[str], str]] = {
     "conventional": (["--tie-policy", "conventional"], "no tying"),
+    "alternate": (["--tie-policy", "alternate"], "block i tied to block i mod 2 (the default)"),
     "qlearning": (["--tie-policy", "qlearning"], "the paper's agent as published, reward -PPL"),
     "vanilla": (["--tie-policy", "vanilla", "--reference-run", "{ref}"],
                 "(i) conventional with the final independent-block count of qlearning"),
@@ -164,7 +176,7 @@ def full_corpus_tokenizer(opts) -> list[str]:
 def command(opts, name: str, seed: int) -> list[str]:
     steps = opts.steps or REGIMES[opts.regime]["steps"]
     evals = opts.evals or REGIMES[opts.regime]["evals"]
-    cmd = [sys.executable, LAUNCHER, "--preset", opts.preset, "--max-steps", str(steps), "--seed", str(seed),
+    cmd = [sys.executable, launcher(opts.family), "--preset", opts.preset, "--max-steps", str(steps), "--seed", str(seed),
            "--out-dir", run_dir(opts.out_dir, opts.regime, seed, name), "--eval-every", str(max(1, steps // evals)),
            "--eval-batches", str(opts.eval_batches), "--no-progress"]
     for f in opts.train_file:
@@ -209,16 +221,18 @@ def collect(opts, rows: list[str]) -> list[dict]:
 
 
 def markdown(table: list[dict], conventional_params: float | None) -> str:
-    head = ("| row | what | seeds | val PPL best | val PPL final | mean trainable (M) | % of conv. | "
-            "final trainable (M) | mean indep. | final indep. | tokens/s |")
-    lines = [head, "|" + "---|" * 11]
+    accuracy = any(r.get("final_val_accuracy") is not None for t in table for r in t["runs"])
+    head = ("| row | what | seeds | val PPL best | val PPL final | " + ("val acc. final (%) | " if accuracy else "")
+            + "mean trainable (M) | % of conv. | final trainable (M) | mean indep. | final indep. | tokens/s |")
+    lines = [head, "|" + "---|" * (12 if accuracy else 11)]
     for t in table:
         runs = t["runs"]
         col = lambda key, scale=1.0: summarise([r[key] / scale for r in runs])  # noqa: E731
         mean_params = statistics.fmean(r["mean_trainable_params"] for r in runs)
         share = f"{100 * mean_params / conventional_params:.0f}%" if conventional_params else "-"
+        acc = f"{summarise([100 * r['final_val_accuracy'] for r in runs], 1)} | " if accuracy else ""
         lines.append(f"| {t['row']} | {t['what']} | {','.join(str(r['seed']) for r in runs)} | "
-                     f"{col('best_val_ppl')} | {col('final_val_ppl')} | {col('mean_trainable_params', 1e6)} | "
+                     f"{col('best_val_ppl')} | {col('final_val_ppl')} | {acc}{col('mean_trainable_params', 1e6)} | "
                      f"{share} | {col('final_trainable_params', 1e6)} | {col('mean_independent_layers')} | "
                      f"{col('final_independent_layers')} | {summarise([r['tokens_per_second'] for r in runs], 0)} |")
     return "\n".join(lines) + "\n"
@@ -230,16 +244,35 @@ def write_report(opts, rows: list[str]) -> tuple[str, str]:
     conv_params = statistics.fmean(r["mean_trainable_params"] for r in conv["runs"]) if conv else None
     base = os.path.join(opts.out_dir, f"results_{opts.regime}")
     steps = opts.steps or REGIMES[opts.regime]["steps"]
-    md = (f"Regime `{opts.regime}`: {steps} steps, preset `{opts.preset}`, seeds {opts.seeds}, trained on the first "
-          f"{100 * train_fraction(opts):g}% of the training text; val PPL on the --valid-file text (at most "
-          f"{opts.eval_batches} batches).\n\n" + markdown(table, conv_params))
+    baseline = _baseline(opts, table)
+    md = (f"Family `{opts.family}`, regime `{opts.regime}`: {steps} steps, preset `{opts.preset}`, seeds {opts.seeds}, "
+          f"trained on the first {100 * train_fraction(opts):g}% of the training text; validation on the --valid-file "
+          f"text or the launcher's held-out part (at most {opts.eval_batches} batches). Trivial baseline: "
+          f"{_describe(baseline)}.\n\n" + markdown(table, conv_params))
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(md)
     with open(base + ".json", "w", encoding="utf-8") as f:
-        json.dump({"regime": opts.regime, "steps": steps, "preset": opts.preset, "seeds": opts.seeds,
+        json.dump({"family": opts.family, "baseline": baseline, "regime": opts.regime, "steps": steps, "preset": opts.preset, "seeds": opts.seeds,
                    "train_fraction": train_fraction(opts),
                    "eval_batches": opts.eval_batches, "rows": table}, f, indent=1)
     return base + ".md", base + ".json"
+
+
+def _baseline(opts, table: list[dict]) -> dict | None:
+    first = run_dir(opts.out_dir, opts.regime, table[0]["runs"][0]["seed"], table[0]["row"]) if table else None
+    if first is None or not os.path.isfile(os.path.join(first, "config.json")):
+        return None
+    from baselines import trivial_baseline
+
+    return trivial_baseline(first)
+
+
+def _describe(baseline: dict | None) -> str:
+    if baseline is None:
+        return "-"
+    if "accuracy" in baseline:
+        return f"{baseline['name']} accuracy {100 * baseline['accuracy']:.1f}%"
+    return f"{baseline['name']} PPL {baseline['ppl']:.1f}"
 
 
 def draw_figures(opts, rows: list[str]) -> list[str]:
@@ -269,6 +302,7 @@ def draw_figures(opts, rows: list[str]) -> list[str]:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=FAMILIES, default="gpt2", help="the model family (its launcher)")
     p.add_argument("--train-file", action="append", default=[], help="training text (repeatable)")
     p.add_argument("--valid-file", action="append", default=[], help="evaluation text")
     p.add_argument("--regime", choices=sorted(REGIMES), default="short")
@@ -301,8 +335,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     opts, rows = parse(argv)
-    if not opts.train_file and not opts.dry_run and not opts.report_only:
-        print("error: --train-file is required", file=sys.stderr)
+    if not opts.train_file and opts.family == "gpt2" and not opts.dry_run and not opts.report_only:
+        print("error: --train-file is required (the paper's tables compare on a corpus)", file=sys.stderr)
         return 2
     opts.tokenizer_args = [] if opts.report_only else full_corpus_tokenizer(opts)
     for seed in opts.seeds:

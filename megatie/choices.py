@@ -8,7 +8,7 @@ so ``--help`` and a mistyped flag answer at once. Those modules re-export these 
 from __future__ import annotations
 
 # Model families (``megatie.models.<name>`` builds each) and the launcher that trains each by default.
-MODEL_FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+MODEL_FAMILIES: tuple[str, ...] = ("gpt2", "llama", "bert", "vit")
 
 # Model shapes and the run length that suits them. `tiny` is sized for a CPU: a 60-step run takes
 # about a minute on two cores. `paper` is the paper's GPT-2 (48 blocks, d=1600, 16 heads).

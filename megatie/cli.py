@@ -108,11 +108,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="text file or glob (.txt, .jsonl, .gz); repeatable")
     data.add_argument("--valid-file", dest="valid_files", action="append", default=[],
                       help="validation text (default: the end of the training text)")
-    data.add_argument("--dataset", help="wikitext-2, wikitext-103, lambada or lm1b (needs the HF cache)")
+    data.add_argument("--dataset", help="wikitext-2, wikitext-103, lambada or lm1b (needs the HF cache); "
+                                        "train_vit.py: digits or a Hugging Face image dataset name")
     data.add_argument("--dataset-dir", help="with --dataset lm1b: the extracted One Billion Word release directory")
     data.add_argument("--data-dir", help="a directory made by launchers/prepare_data.py")
     data.add_argument("--tokenizer", default=d.tokenizer, help="sentencepiece, gpt2, or a local tokenizer path")
     data.add_argument("--vocab-size", type=int, help="SentencePiece vocabulary size")
+    data.add_argument("--mask-prob", type=float, default=d.mask_prob,
+                      help="masked LM (train_bert.py): share of tokens chosen (80%% [MASK], 10%% random, 10%% kept)")
+    images = p.add_argument_group("images (train_vit.py; default: the handwritten digits scikit-learn ships)")
+    images.add_argument("--image-dir", help="a directory with one sub-directory of images per class")
+    images.add_argument("--image-size", type=int, help="side images are resized to (default: their own, 32 for "
+                                                       "folders and datasets)")
+    images.add_argument("--patch-size", type=int, help="ViT patch side (default: image size / 4)")
     data.add_argument("--cache-dir", default=d.cache_dir)
     log = p.add_argument_group("logging")
     log.add_argument("--log-every", type=int, default=d.log_every)
@@ -212,7 +220,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     for patterns in (cfg.train_files, cfg.valid_files):
         if patterns:
             resolve_files(patterns)
-    for flag, path in (("--data-dir", cfg.data_dir), ("--reference-run", cfg.reference_run)):
+    for flag, path in (("--data-dir", cfg.data_dir), ("--reference-run", cfg.reference_run),
+                       ("--image-dir", cfg.image_dir)):
         if path is not None and not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"{flag} {path} is not a directory; check the path")
     if cfg.resume not in (None, "auto", "latest") and not os.path.isdir(cfg.resume):
@@ -266,7 +275,8 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 def train_main(argv=None, model: str = "gpt2") -> dict:
-    """Train a model of family ``model`` (the launcher's: train_gpt2.py, train_llama.py) with ``argv``."""
+    """Train a model of family ``model`` (the launcher's: train_gpt2.py, train_llama.py, train_bert.py,
+    train_vit.py) with ``argv``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config_from_args(build_parser().parse_args(argv))
     cfg.model = model
@@ -287,8 +297,9 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
             lock.release()
     if summary.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
         return summary
-    keys = ("steps", "final_val_ppl", "best_val_ppl", "mean_independent_layers", "final_trainable_params",
-            "tokens_per_second")
+    keys = ("steps", "final_val_ppl", "best_val_ppl", *(("final_val_accuracy",) if summary["final_val_accuracy"]
+                                                         is not None else ()),
+            "mean_independent_layers", "final_trainable_params", "tokens_per_second")
     print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
     return summary
 

@@ -15,7 +15,8 @@ from megatie.errors import ConfigError
 
 
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
-STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "tie_policy", "tie_mode", "tie_every")
+STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "num_classes", "image_size",
+              "patch_size", "tie_policy", "tie_mode", "tie_every")
 # Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
 FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
@@ -34,7 +35,8 @@ class TrainConfig:
     resume: str | None = None
     # Settings a resumed run may change from its checkpoint's (megatie.resume says which need it).
     allow_changed: list[str] = field(default_factory=list)
-    # model: the family is the launcher's (train_gpt2.py, train_llama.py), the shape the preset's or the flags'
+    # model: the family is the launcher's (train_gpt2.py, train_llama.py, train_bert.py, train_vit.py), the
+    # shape the preset's (with the family's own adjustments, megatie.models.<family>) or the flags'
     model: str = "gpt2"
     n_layer: int | None = None
     n_embd: int | None = None
@@ -95,6 +97,14 @@ class TrainConfig:
     data_dir: str | None = None
     tokenizer: str = "sentencepiece"
     vocab_size: int | None = None
+    mask_prob: float = 0.15  # masked LM (BERT): the share of tokens chosen for prediction
+    # images (ViT): a class-per-directory folder, or the digits scikit-learn ships when none is given
+    image_dir: str | None = None
+    image_size: int | None = None  # default: the images' own size (digits: 8), 32 for folders
+    patch_size: int | None = None  # default: image_size / 4, so 16 patches per image
+    # Derived from the data, recorded in config.json: classes and channels of the images.
+    num_classes: int | None = None
+    num_channels: int | None = None
     cache_dir: str = "~/.cache/megatie"
     # logging and evaluation
     log_every: int = 10
@@ -110,10 +120,13 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         values = dataclasses.asdict(self)
-        for key, value in PRESETS[self.preset].items():
+        from megatie.models import get_spec  # plain data: a family module loads transformers only to build
+
+        spec = get_spec(self.model)
+        for key, value in {**PRESETS[self.preset], **spec.presets.get(self.preset, {})}.items():
             if values.get(key) is None:
                 values[key] = value
-        if values["vocab_size"] is None:
+        if values["vocab_size"] is None and spec.objective != "image":
             values["vocab_size"] = 8192
         cfg = TrainConfig(**values)
         if cfg.warmup_steps is None:
@@ -159,8 +172,11 @@ class TrainConfig:
             raise ConfigError(f"--dist-timeout-s must be a positive number of seconds, got {self.dist_timeout_s!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if self.vocab_size < 16:
+        if self.vocab_size is not None and self.vocab_size < 16:
             raise ConfigError(f"--vocab-size must be at least 16, got {self.vocab_size}")
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
+        self._validate_images()
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
@@ -191,9 +207,22 @@ class TrainConfig:
             raise ConfigError("give either --train-file or --dataset, not both")
         if self.valid_files and not (self.train_files or self.dataset):
             raise ConfigError("--valid-file needs --train-file (or --dataset) too")
+        if self.image_dir and self.model != "vit":
+            raise ConfigError("--image-dir is for image models (train_vit.py)")
         if self.dataset_dir and self.dataset != "lm1b":
             raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
                               "--dataset lm1b")
+
+    def _validate_images(self) -> None:
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.image_size and self.patch_size and self.image_size % self.patch_size:
+            raise ConfigError(f"--patch-size ({self.patch_size}) must divide --image-size ({self.image_size})")
+        if self.model == "vit" and (self.train_files or self.valid_files or self.dataset_dir):
+            raise ConfigError("train_vit.py reads images: use --image-dir DIR (one directory per class) or "
+                              "--dataset NAME (a Hugging Face image dataset), not text files")
 
 
 @dataclass

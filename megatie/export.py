@@ -63,8 +63,7 @@ def load_run(run_dir: str, which: str = "best"):
     tensors, _, trainer_state = load_checkpoint(checkpoint_of(run_dir, which))
     settings = trainer_state["settings"]
     spec = get_spec(settings.get("model", "gpt2"))  # runs from before families were named are GPT-2
-    model = spec.build(settings["n_layer"], settings["n_embd"], settings["n_head"], settings["seq_len"],
-                       settings["vocab_size"], 0.0, seed=0)
+    model = spec.build_for(settings, seed=0, dropout=0.0)
     tying = LayerTying(model, settings["tie_mode"], block_path=spec.block_path)
     tying.load_state_dict(trainer_state["controller"]["tying"])
     load_model_tensors(model, tensors)
@@ -123,14 +122,17 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, tying, settings = load_run(run_dir, which)
-    tokenizer_dir = os.path.join(run_dir, "tokenizer")
 
     def fill(tmp: str) -> None:
-        from megatie.hf_tokenizer import export_tokenizer
+        if settings.get("model") == "vit":
+            _export_image_processor(model, os.path.join(run_dir, "image_processor"), tmp)
+        else:
+            from megatie.hf_tokenizer import export_tokenizer
 
-        special = export_tokenizer(tokenizer_dir, tmp)
-        for key, token_id in special.items():  # generate() needs the tokenizer's own end of text
-            setattr(model.config, key, token_id)
+            special = export_tokenizer(os.path.join(run_dir, "tokenizer"), tmp)
+            for key, token_id in special.items():  # generate() needs the tokenizer's own end of text
+                setattr(model.config, key, token_id)
+        model.config.architectures = [type(model).__name__]
         if fmt == "hf":
             _write_hf(model, tying, tmp)
         else:
@@ -138,6 +140,20 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
         _write_card(tmp, fmt, tying, settings, which)
 
     return write_into(out_dir, fill)
+
+
+def _export_image_processor(model, processor_dir: str, tmp: str) -> None:
+    """The run's image processor next to the model, and its class names in the model's config."""
+    names = os.path.join(processor_dir, "classes.json")
+    if not os.path.isfile(names):
+        raise CheckpointError(f"{os.path.dirname(processor_dir)!r} holds no image_processor/ (image runs save "
+                              "theirs there); without it the model's inputs are undefined")
+    for entry in os.listdir(processor_dir):
+        shutil.copyfile(os.path.join(processor_dir, entry), os.path.join(tmp, entry))
+    with open(names, encoding="utf-8") as f:
+        classes = json.load(f)["class_names"]
+    model.config.id2label = dict(enumerate(classes))
+    model.config.label2id = {name: i for i, name in enumerate(classes)}
 
 
 def _write_hf(model, tying, tmp: str) -> None:
@@ -152,10 +168,12 @@ def _write_hf(model, tying, tmp: str) -> None:
 def _write_compact(model, tying, tmp: str) -> None:
     from safetensors.torch import save_file
 
+    from megatie.checkpoint import unique_state_dict
+
     root, pattern = root_of(tying.state), _block_pattern(tying.block_path)
+    unique = unique_state_dict(model)  # an output layer that is the token embedding is stored once
     kept = {n: t for n, t in untied_state_dict(model, tying).items()
-            if n != "lm_head.weight"  # GPT-2's output layer is its token embedding
-            and ((m := pattern.match(n)) is None or root[int(m.group(1))] == int(m.group(1)))}
+            if n in unique and ((m := pattern.match(n)) is None or root[int(m.group(1))] == int(m.group(1)))}
     save_file(kept, os.path.join(tmp, "model.safetensors"))
     model.config.to_json_file(os.path.join(tmp, "config.json"))
     with open(os.path.join(tmp, COMPACT_MAP), "w", encoding="utf-8") as f:
@@ -165,8 +183,9 @@ def _write_compact(model, tying, tmp: str) -> None:
 
 def load_compact(path: str):
     """The compact export's model, its tied blocks sharing their root's tensors."""
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from megatie.tying import LayerTying
 
@@ -176,28 +195,40 @@ def load_compact(path: str):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path!r} is not a compact megatie export: {e}") from None
-    model = AutoModelForCausalLM.from_config(config)
+    if config.architectures:  # the class the run trained
+        model = getattr(transformers, config.architectures[0])(config)
+    else:  # exports from before other families: causal LMs
+        model = transformers.AutoModelForCausalLM.from_config(config)
     LayerTying(model, "shared", tie_map["block_path"]).initialize(tie_map["state"])
     load_model_tensors(model, load_file(os.path.join(path, "model.safetensors")))
     return model.eval()
 
 
+# The transformers auto class that loads each family's export, and how the card names the model.
+_CARDS = {"gpt2": ("AutoModelForCausalLM", "GPT-2"), "llama": ("AutoModelForCausalLM", "A Llama-style decoder"),
+          "bert": ("AutoModelForMaskedLM", "A BERT encoder (masked LM)"),
+          "vit": ("AutoModelForImageClassification", "A Vision Transformer (image classifier)")}
+
+
 def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
     state = list(tying.state)
     independent = num_independent(state)
-    load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)"
-            if fmt == "hf" else "from megatie.export import load_compact\nmodel = load_compact(PATH)")
     family = settings.get("model", "gpt2")
-    title = {"gpt2": "GPT-2", "llama": "A Llama-style decoder"}.get(family, family)
+    auto, title = _CARDS.get(family, _CARDS["gpt2"])
+    inputs = "AutoImageProcessor" if family == "vit" else "AutoTokenizer"
+    load = (f"from transformers import {auto}, {inputs}\nmodel = {auto}.from_pretrained(PATH)\n"
+            f"{'processor' if family == 'vit' else 'tokenizer'} = {inputs}.from_pretrained(PATH)"
+            if fmt == "hf" else "from megatie.export import load_compact\nmodel = load_compact(PATH)")
+    shape = (f"{settings['image_size']}x{settings['image_size']} images in {settings['patch_size']}-pixel patches, "
+             f"{settings['num_classes']} classes" if family == "vit" else
+             f"context {settings['seq_len']},\n  vocabulary {settings['vocab_size']} ({settings['tokenizer']} tokenizer)")
     card = f"""---
 library_name: transformers
 tags: [{family}, megatie, layer-tying]
 ---
 # {title} trained from scratch with dynamic layer tying (megatie)
 
-- Shape: {settings['n_layer']} blocks, d={settings['n_embd']}, {settings['n_head']} heads, context {settings['seq_len']},
-  vocabulary {settings['vocab_size']} ({settings['tokenizer']} tokenizer).
+- Shape: {settings['n_layer']} blocks, d={settings['n_embd']}, {settings['n_head']} heads, {shape}.
 - Tie map at this checkpoint (`{which}`): block i uses the weights of block `root[i]`, `root` =
   `{root_of(state)}` (state `{state}`):
   {independent} independent block(s) of {len(state)}.

@@ -49,6 +49,11 @@ def fast_from_sentencepiece(model_file: str):
             specials[key] = piece(token_id)
     controls = [piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) and i not in
                 (sp.bos_id(), sp.eos_id(), sp.pad_id())]
+    # The masked-LM symbols every megatie SentencePiece model reserves, named so that transformers'
+    # fill-mask pipeline finds them.
+    for key, symbol in (("mask_token", "[MASK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]")):
+        if symbol in controls:
+            specials[key] = symbol
     return PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=controls, **specials)
 
 

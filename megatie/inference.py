@@ -27,6 +27,7 @@ def load_for_inference(source: str, checkpoint: str = "best"):
 
     if not os.path.isdir(source):
         raise ConfigError(f"{source!r} is not a directory (a run directory or a megatie export)")
+    _refuse_non_causal(source)
     if is_run_dir(source):
         model = load_run(source, checkpoint)[0]
         tokenizer_dir = os.path.join(source, "tokenizer")
@@ -39,6 +40,23 @@ def load_for_inference(source: str, checkpoint: str = "best"):
     else:
         raise ConfigError(f"{source!r} is neither a run directory nor a megatie export")
     return model, tokenizer_in(tokenizer_dir)
+
+
+def _refuse_non_causal(source: str) -> None:
+    """Perplexity over a text and sampling are what causal language models do: a run's config.json names
+    its family, an export's its transformers class."""
+    import json
+
+    try:
+        with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # the loaders below say what is wrong
+    family = config.get("model") or (config.get("architectures") or ["ForCausalLM"])[0]
+    if family in ("bert", "vit") or family.endswith(("ForMaskedLM", "ForImageClassification")):
+        use = "image-classification" if "vit" in family.lower() else "fill-mask"
+        raise ConfigError(f"{source} holds a {family} model; eval and generate are for causal language models "
+                          f"(gpt2, llama): use transformers' {use} pipeline on its export")
 
 
 def tokenizer_in(directory: str):

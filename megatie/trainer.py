@@ -23,7 +23,6 @@ from megatie.agent import AgentConfig
 from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, replace_dir, step_name
 from megatie.config import TrainConfig
 from megatie.controller import TieController
-from megatie.data import build_lm_data
 from megatie.distributed import RankSync, param_checksum
 from megatie.engines import build_engine
 from megatie.errors import CheckpointError, ConfigError, DivergedError
@@ -31,6 +30,7 @@ from megatie.interrupts import raise_if_requested
 from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
+from megatie.objectives import objective_for
 from megatie.policies import build_policy, load_reference_run
 from megatie.resume import (adopt_unset, check_engine, check_max_steps, check_settings, check_timeline,
                             choose_checkpoint, set_aside_damaged, truncate_metrics)
@@ -39,10 +39,6 @@ from megatie.tying import LayerTying, count_parameters, unique_parameters
 
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
 _RANK_STREAM = 7919
-
-
-def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, labels=batch).loss
 
 
 class Trainer:
@@ -68,21 +64,14 @@ class Trainer:
         if checkpoint is not None:
             self._check_checkpoint_fits(checkpoint)
 
-        self.data = build_lm_data(
-            train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
-            dataset_dir=cfg.dataset_dir,
-            tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-            cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size,
-            barrier=self.sync.barrier, progress=cfg.progress)
-        self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
-        # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
-        cfg.vocab_size = self.data.vocab_size
-
-        from megatie.models import get_spec  # transformers: seconds of imports, once checkpoint and data are good
+        from megatie.models import get_spec
 
         spec = get_spec(cfg.model)
-        self.model = spec.build(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
-                                cfg.dropout, seed=cfg.seed, device=self.device)
+        # The objective reads the data and records what it decides (vocabulary, classes, image shape).
+        self.objective = objective_for(spec, cfg)
+        self.data = self.objective.build_data(rank, world_size, self.sync.barrier)
+        self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
+        self.model = spec.build_for(vars(cfg), seed=cfg.seed, device=self.device)
         self.tying = LayerTying(self.model, cfg.tie_mode, block_path=spec.block_path)
         self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
                                                      cfg.n_layer, cfg.n_embd, cfg.seq_len)
@@ -109,7 +98,7 @@ class Trainer:
         self.step = 0
         self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
                       "step_time": 0.0, "regroup_time": 0.0, "regroups": 0, "skipped_steps": 0,
-                      "best_val_ppl": math.inf, "test_ppl_at_best_val": None}
+                      "best_val_ppl": math.inf, "test_ppl_at_best_val": None, "val_accuracy_at_best_val": None}
 
         if checkpoint is None:
             self.controller.setup()
@@ -133,12 +122,12 @@ class Trainer:
         self.setup_s = time.perf_counter() - started
 
     def _save_tokenizer(self) -> None:
-        """The run carries its tokenizer (``megatie export`` and ``eval`` read it from there)."""
-        final = os.path.join(self.cfg.out_dir, "tokenizer")
+        """The run carries its tokenizer, or its image processor (``megatie export`` and ``eval`` read it)."""
+        final = os.path.join(self.cfg.out_dir, "tokenizer" if self.objective.name != "image" else "image_processor")
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        self.data.tokenizer.save(tmp)
+        self.objective.save(tmp)
         replace_dir(tmp, final)
 
     # ------------------------------------------------------------------ pieces of a step
@@ -152,23 +141,21 @@ class Trainer:
             batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
-            loss = float(causal_lm_loss(self.model, batch.to(self.device)))
+        loss = self.objective.evaluate(self.model, [batch], self.device)["loss"]
         self.model.train(was_training)
         return loss
 
-    @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:
-        """Perplexity over the split (``--eval-batches`` batches at most), token-weighted."""
+        """Perplexity over the split (``--eval-batches`` batches at most), weighted by predictions."""
+        return self.evaluate_metrics(split)["ppl"]
+
+    def evaluate_metrics(self, split: str = "valid") -> dict:
+        """Loss, perplexity and (masked LM, images) accuracy over the split."""
         self.model.eval()
-        total, count = 0.0, 0
-        for batch in self.data.eval_batches(split, self.cfg.batch_size, self.cfg.eval_batches):
-            batch = batch.to(self.device)
-            n = batch.numel() - batch.shape[0]  # predicted tokens: every position but the first
-            total += float(causal_lm_loss(self.model, batch)) * n
-            count += n
+        metrics = self.objective.evaluate(self.model, self.data.eval_batches(split, self.cfg.batch_size,
+                                                                             self.cfg.eval_batches), self.device)
         self.model.train()
-        return math.exp(min(total / max(count, 1), 80.0))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def _open_checkpoint(self, spec: str, out_dir: str):
@@ -230,6 +217,11 @@ class Trainer:
         self.stats.update(state["stats"])
 
     # ------------------------------------------------------------------ the loop
+    def next_inputs(self, micro: int = 0) -> dict:
+        """The model's inputs for micro-batch ``micro`` of the coming step (masks and augmentation drawn
+        from the step, so a resumed run makes the same ones)."""
+        return self.objective.train_inputs(next(self.loader), self.step, micro, self.rank)
+
     def train(self, until: int | None = None) -> dict:
         """Train to ``max_steps`` (or stop early at step ``until``, as a preempted job would)."""
         cfg = self.cfg
@@ -243,7 +235,7 @@ class Trainer:
         try:
             while self.step < stop:
                 raise_if_requested()
-                batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+                batches = [self.next_inputs(micro) for micro in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss = self.engine.train_step(batches)  # returns a float: the step has finished
                 self._check_finite_loss(loss)
@@ -270,13 +262,12 @@ class Trainer:
                 if cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(),
-                                val_ppl="-" if last_val is None else f"{last_val:.1f}",
+                bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(), **_shown(last_val),
                                 **({} if self.peak_flops is None else {"mfu": f"{self._mfu():.1%}"}))
         finally:
             bar.close()
             memory = monitor.stop()
-        summary = self._summary(memory, last_val if last_val is not None else self.evaluate("valid"))
+        summary = self._summary(memory, last_val if last_val is not None else self.evaluate_metrics("valid"))
         if self.is_main:
             write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
         self.logger.close()
@@ -308,17 +299,20 @@ class Trainer:
         """Over the training time so far, regroups and reward measurements included."""
         return mfu(self.flops_per_token, self._tokens_per_second(), self.world_size, self.peak_flops)
 
-    def _evaluate_and_track(self) -> float:
-        val = self.evaluate("valid")
-        row = {"event": "eval", "step": self.step, "val_ppl": val}
+    def _evaluate_and_track(self) -> dict:
+        """Validation metrics; the best perplexity (the loss's scale, for every objective) keeps a checkpoint."""
+        metrics = self.evaluate_metrics("valid")
+        val = metrics["ppl"]
+        row = {"event": "eval", "step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
         if val < self.stats["best_val_ppl"]:
             self.stats["best_val_ppl"] = val
+            self.stats["val_accuracy_at_best_val"] = metrics.get("accuracy")
             if "test" in self.data.splits:
                 self.stats["test_ppl_at_best_val"] = row["test_ppl"] = self.evaluate("test")
             if self.cfg.save_checkpoints:
                 self.save("best")
         self.logger.log(row, self.step, prefix="eval/")
-        return val
+        return metrics
 
     def _regroup_over_step(self) -> float | None:
         """Mean regroup time over mean training-step time (None before any regroup)."""
@@ -326,7 +320,7 @@ class Trainer:
             return None
         return (self.stats["regroup_time"] / self.stats["regroups"]) / max(self.stats["step_time"] / self.step, 1e-12)
 
-    def _summary(self, memory: dict, final_val: float) -> dict:
+    def _summary(self, memory: dict, final_val: dict) -> dict:
         """Collective: every rank calls it (memory is the most any rank used, checksums one per rank)."""
         steps = max(self.step, 1)
         trainable, total = count_parameters(self.model)
@@ -334,8 +328,13 @@ class Trainer:
                                                                     "peak_sampled_bytes")})
         most = {k: max((m[k] for m in ranks_memory if m[k] is not None), default=None) for k in ranks_memory[0]}
         return {
-            "final_val_ppl": final_val,
+            "objective": self.objective.name,
+            "final_val_ppl": final_val["ppl"],
+            "final_val_loss": final_val["loss"],
+            # masked-token accuracy (masked LM) or top-1 accuracy (images); None for causal LMs
+            "final_val_accuracy": final_val.get("accuracy"),
             "best_val_ppl": self.stats["best_val_ppl"],
+            "val_accuracy_at_best_val": self.stats["val_accuracy_at_best_val"],
             "test_ppl_at_best_val": self.stats["test_ppl_at_best_val"],
             "mean_trainable_params": self.stats["trainable_sum"] / steps,
             "final_trainable_params": trainable,
@@ -374,3 +373,13 @@ class Trainer:
             "n_layer": self.cfg.n_layer,
             "world_size": self.world_size,
         }
+
+
+def _shown(metrics: dict | None) -> dict:
+    """The progress bar's validation fields."""
+    if metrics is None:
+        return {"val_ppl": "-"}
+    shown = {"val_ppl": f"{metrics['ppl']:.1f}"}
+    if "accuracy" in metrics:
+        shown["val_acc"] = f"{metrics['accuracy']:.1%}"
+    return shown

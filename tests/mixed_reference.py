@@ -39,9 +39,9 @@ class MixedPrecisionReference:
         return [g for g in groups if g["params"]]
 
     def train_step(self, micro_batches) -> float:
-        (batch,) = micro_batches
+        (inputs,) = micro_batches
         self.model.train()
-        loss = self.model(input_ids=batch, labels=batch).loss
+        loss = self.model(**inputs).loss
         (loss * self.scale).backward()
         params = self._trainable()
         for p in params:

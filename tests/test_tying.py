@@ -186,16 +186,27 @@ def test_find_blocks_paths_and_errors():
         find_blocks(tiny_model("gpt2"), "transformer.wte")
 
 
-def test_vit_blocks_tie():
-    from transformers import ViTConfig, ViTForImageClassification
+@pytest.mark.parametrize("mode", ["shared", "frozen-replica"])
+def test_vit_blocks_tie(mode):
+    from megatie.models import get_spec
 
-    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                                 intermediate_size=64, image_size=16, patch_size=8, num_labels=3))
-    tying = LayerTying(model)
-    tying.initialize([0, 0, 2, 2])
-    check_invariants(model, tying)
-    out = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
-    assert out.shape == (2, 3)
+    model = get_spec("vit").build(6, 32, 4, 5, 3, seed=0, image_size=16, patch_size=8, num_channels=3)
+    tying = LayerTying(model, mode, block_path=get_spec("vit").block_path)
+    tying.initialize([0] * 6, frozen=range(1, 6))
+    rng = random.Random(5)
+    for _ in range(8):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+        vals, old, frozen = snapshot(tying), list(tying.state), set(tying.frozen)
+        new = random_state(rng, 6)
+        tying.apply(new)
+        for i, expected in enumerate(expected_after(vals, old, new, frozen)):
+            assert all(torch.equal(g, w) for g, w in zip(tying.block_tensors(i), expected))
+        check_invariants(model, tying)
+        out = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
+        assert out.shape == (2, 3) and torch.isfinite(out).all()
 
 
 def test_bad_inputs():

@@ -222,7 +222,7 @@ def test_fp16_loss_scaler_survives_a_regroup(tmp_path, reference):
     trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), config)
     engine = trainer.engine
     for _ in range(5):
-        engine.train_step([next(trainer.loader)])
+        engine.train_step([trainer.next_inputs()])
     before = {k: v for k, v in vars(engine.optimizer.loss_scaler).items() if isinstance(v, (int, float, bool))}
     assert before["cur_scale"] != 2.0 ** 8  # the window moved the scale
     engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))
@@ -256,7 +256,7 @@ def test_no_leaks_after_many_regroups(tmp_path, reference, config, max_bytes):
     engine = trainer.engine
     deepspeed_engine = engine.engine
     samples = []
-    batches = [next(trainer.loader)]
+    batches = [trainer.next_inputs()]
     states = [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]] * 4 + [[0, 1, 1, 3, 3, 5], [0, 0, 0, 0, 0, 0]]
     engine.train_step(batches)
     gc.disable()  # what a regroup frees must go at once, not at the next cyclic collection
@@ -300,7 +300,7 @@ def test_no_leaks_after_many_regroups(tmp_path, reference, config, max_bytes):
 def test_unchanged_decision_rebuilds_nothing(tmp_path, reference):
     trainer = _trainer(base_args(str(tmp_path), reference, steps=1, every=1), ZERO2)
     engine = trainer.engine
-    engine.train_step([next(trainer.loader)])
+    engine.train_step([trainer.next_inputs()])
     assert engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5]))  # a record: it regrouped
     before = engine.optimizer
     assert engine.regroup(trainer.tying.apply([0, 1, 1, 3, 3, 5])) == {}
@@ -439,3 +439,19 @@ def test_cli_single_process_deepspeed_run(tmp_path):
     assert all(k in d for d in decisions if d["structure_changed"]
                for k in ("regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"))
     init_deepspeed_distributed()  # the CLI tore the process group down; later tests need one
+
+
+def test_vit_trains_in_bf16_under_zero2_through_regroups(tmp_path):
+    """Pixels are floats: they reach a bf16 engine in its precision (token ids stay integers)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    cfg = config_from_args(build_parser().parse_args(
+        ["--out-dir", str(tmp_path), "--max-steps", "6", "--n-layer", "4", "--n-embd", "32", "--n-head", "4",
+         "--batch-size", "8", "--tie-policy", "cycle", "--tie-every", "2", "--eval-batches", "1",
+         "--no-checkpoints", "--no-progress"]))
+    cfg.model, cfg.deepspeed_config = "vit", {"zero_optimization": {"stage": 2, "overlap_comm": False},
+                                               "bf16": {"enabled": True}}
+    summary = Trainer(cfg, sync=SYNC).train()
+    assert summary["precision"] == "bf16" and summary["regroups"] >= 1 and summary["final_val_accuracy"] is not None

@@ -42,6 +42,7 @@ from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
 from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, held_state_bytes,
                                         inner_optimizer)
 from megatie.errors import CheckpointError, ConfigError
+from megatie.objectives import model_inputs_on
 from megatie.optim import build_adamw, decay_group, lr_factor, lr_scheduler
 from megatie.tying import unique_parameters
 
@@ -162,12 +163,13 @@ class DeepSpeedEngine:
             self.optimizer.loss_scaler.__dict__.update(saved["loss_scaler"])
 
     # ------------------------------------------------------------------ the engine interface
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over ``micro_batches``, each the model's inputs (labels included)."""
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64, device=self.comm_device)
-        for batch in micro_batches:
-            batch = batch.to(self.device, non_blocking=True)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+        for inputs in micro_batches:
+            inputs = model_inputs_on(inputs, self.model, self.device)
+            loss = self.engine(**inputs).loss
             self.engine.backward(loss)
             if self.observer is not None:
                 self.observer.after_backward(self)

@@ -11,6 +11,7 @@ import torch
 
 from megatie.checkpoint import save_checkpoint
 from megatie.errors import CheckpointError
+from megatie.objectives import model_inputs_on
 from megatie.optim import adamw_for, lr_scheduler, regroup_optimizer, state_bytes
 from megatie.tying import unique_parameters
 
@@ -22,12 +23,13 @@ class TorchEngine:
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.regroups = 0
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over ``micro_batches``, each the model's inputs (labels included)."""
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            batch = batch.to(self.device, non_blocking=True)
-            loss = self.model(input_ids=batch, labels=batch).loss / len(micro_batches)
+        for inputs in micro_batches:
+            inputs = model_inputs_on(inputs, self.model, self.device)
+            loss = self.model(**inputs).loss / len(micro_batches)
             loss.backward()
             total += loss.detach()
         if self.observer is not None:

@@ -9,9 +9,6 @@ small Llama 3.2 models, so both families spend their parameters on blocks the sa
 
 from __future__ import annotations
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from megatie.models.spec import ModelSpec, quiet_build
 
 
@@ -24,7 +21,9 @@ def kv_heads(n_head: int) -> int:
 
 
 def build_llama(n_layer: int, n_embd: int, n_head: int, seq_len: int, vocab_size: int,
-                dropout: float = 0.0, seed: int | None = None, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+                dropout: float = 0.0, seed: int | None = None, device="cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=n_head,
         num_key_value_heads=kv_heads(n_head), intermediate_size=swiglu_width(n_embd),
