@@ -84,6 +84,12 @@ def zero_stage_of(user: dict) -> int:
     return int(user.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(user: dict) -> bool:
+    """Whether the fp32 masters and Adam state live on the host (``offload_optimizer``)."""
+    offload = user.get("zero_optimization", {}).get("offload_optimizer")
+    return isinstance(offload, dict) and offload.get("device", "cpu") not in (None, "none")
+
+
 def engine_config(user: dict, cfg, world_size: int) -> dict:
     """The user's engine settings plus what megatie owns (batch geometry, clipping)."""
     out = json.loads(json.dumps(user))
