@@ -114,6 +114,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="a directory made by launchers/prepare_data.py")
     data.add_argument("--tokenizer", default=d.tokenizer, help="sentencepiece, gpt2, or a local tokenizer path")
     data.add_argument("--vocab-size", type=int, help="SentencePiece vocabulary size")
+    data.add_argument("--pad-vocab-to", type=int, metavar="N",
+                      help="pad the model's embedding and LM head to a multiple of N rows (default 128; 1: none); "
+                           "the padded ids are masked and cut off on export")
     data.add_argument("--mask-prob", type=float, default=d.mask_prob,
                       help="masked LM (train_bert.py): share of tokens chosen (80%% [MASK], 10%% random, 10%% kept)")
     images = p.add_argument_group("images (train_vit.py; default: the handwritten digits scikit-learn ships)")
@@ -143,6 +146,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="recompute block activations in backward (non-reentrant; works with tied blocks)")
     ds.add_argument("--dist-timeout-s", type=int, default=d.dist_timeout_s,
                     help="a collective that waits longer than this ends the run with an error")
+    speed = p.add_argument_group("speed (GPU)")
+    speed.add_argument("--no-tf32", dest="tf32", action="store_false",
+                       help="keep fp32 matmuls in full fp32 on CUDA (by default fp32 runs use TF32 tensor cores)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (compiles once; regroups compile nothing)")
     return p
 
 

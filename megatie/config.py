@@ -15,14 +15,23 @@ from megatie.errors import ConfigError
 
 
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
-STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "num_classes", "image_size",
-              "patch_size", "tie_policy", "tie_mode", "tie_every")
+STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "pad_vocab_to", "num_classes",
+              "image_size", "patch_size", "tie_policy", "tie_mode", "tie_every")
 # Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
 FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
                   "peak_tflops", "cache_dir", "deepspeed",
                   # engine settings: the engine checks what must match (ZeRO stage, precision, ranks)
-                  "deepspeed_config", "precision"})
+                  "deepspeed_config", "precision",
+                  # kernel choices (TF32 matmuls, compiled blocks): the same model, computed faster
+                  "tf32", "compile"})
+# What a checkpoint written before a setting existed ran with (its settings lack the key).
+BEFORE_SETTING = {"pad_vocab_to": 1}
+# The vocabulary padding a run gets unless told, on every device (a run resumes and exports the same
+# on a CPU and a GPU): tensor-core friendly shapes for the embedding and the LM head (GPT-2's 50257
+# becomes nanoGPT's 50304). The SentencePiece sizes the presets, benchmarks and tests use (512, 4096,
+# 8192) are multiples already: their models, losses and parameter counts do not change.
+DEFAULT_PAD_VOCAB_TO = 128
 
 
 @dataclass
@@ -65,6 +74,9 @@ class TrainConfig:
     local_rank: int | None = None  # set by the deepspeed launcher
     dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
     peak_tflops: float | None = None  # the GPU's dense peak for MFU; None: looked up from the device name
+    # speed (megatie.speed): TF32 matmuls for fp32 runs on CUDA; each block compiled with torch.compile
+    tf32: bool = True
+    compile: bool = False
     # tying
     # The measured recommendation (benchmarks/RESULTS.md §6): within 5% of conventional perplexity at a
     # third of its trainable parameters in every regime measured; the paper's agent is kept as `qlearning`.
@@ -97,6 +109,9 @@ class TrainConfig:
     data_dir: str | None = None
     tokenizer: str = "sentencepiece"
     vocab_size: int | None = None
+    # The model's embedding and LM head get rows up to a multiple of this (megatie.vocab); the padded
+    # ids are never targets, their logits are masked, exports have the tokenizer's vocabulary. 1: none.
+    pad_vocab_to: int | None = None
     mask_prob: float = 0.15  # masked LM (BERT): the share of tokens chosen for prediction
     # images (ViT): a class-per-directory folder, or the digits scikit-learn ships when none is given
     image_dir: str | None = None
@@ -128,6 +143,8 @@ class TrainConfig:
                 values[key] = value
         if values["vocab_size"] is None and spec.objective != "image":
             values["vocab_size"] = 8192
+        if values["pad_vocab_to"] is None:
+            values["pad_vocab_to"] = DEFAULT_PAD_VOCAB_TO
         cfg = TrainConfig(**values)
         if cfg.warmup_steps is None:
             cfg.warmup_steps = min(100, cfg.max_steps // 10)
@@ -158,7 +175,7 @@ class TrainConfig:
             raise ConfigError(f"unknown model family {self.model!r}; choose one of {', '.join(MODEL_FAMILIES)}")
         positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
                     "tie_every", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "reward_batch_size"]
+                    "reward_batch_size", "pad_vocab_to"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -54,19 +54,24 @@ def is_run_dir(path: str) -> bool:
 
 
 def load_run(run_dir: str, which: str = "best"):
-    """``(model, tying, settings)``: the run's model with its ties, weights of checkpoint ``which``."""
+    """``(model, tying, settings)``: the run's model with its ties, weights of checkpoint ``which``,
+    its vocabulary the tokenizer's (a padded run's extra rows cut off)."""
+    from megatie.config import BEFORE_SETTING
     from megatie.models import get_spec
     from megatie.tying import LayerTying
+    from megatie.vocab import build_lm, unpad_vocab
 
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
     tensors, _, trainer_state = load_checkpoint(checkpoint_of(run_dir, which))
     settings = trainer_state["settings"]
     spec = get_spec(settings.get("model", "gpt2"))  # runs from before families were named are GPT-2
-    model = spec.build_for(settings, seed=0, dropout=0.0)
+    pad_to = settings.get("pad_vocab_to", BEFORE_SETTING["pad_vocab_to"])
+    model = build_lm(spec, settings, seed=0, dropout=0.0, pad_to=pad_to)
     tying = LayerTying(model, settings["tie_mode"], block_path=spec.block_path)
     tying.load_state_dict(trainer_state["controller"]["tying"])
     load_model_tensors(model, tensors)
+    unpad_vocab(model, settings["vocab_size"])  # the tokenizer's vocabulary: what exports and sampling see
     model.eval()
     return model, tying, settings
 

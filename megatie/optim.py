@@ -9,6 +9,7 @@ for a plain torch AdamW; it is the reference the DeepSpeed engine is checked aga
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 
@@ -31,13 +32,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+# torch's fused AdamW (one multi-tensor kernel per step) where this torch has it.
+FUSED_ADAMW = "fused" in inspect.signature(torch.optim.AdamW.__init__).parameters
+
+
+def fused_applies(params) -> bool:
+    """Whether the fused kernel is used for ``params``: when every one is a CUDA tensor. Elsewhere (CPU
+    runs, optimizer state offloaded to the host) the per-parameter loop keeps the exact reference."""
+    params = list(params)
+    return FUSED_ADAMW and bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over ``groups`` (each with its own ``weight_decay``), the one optimizer megatie builds.
 
-    ``foreach=False``: the per-parameter loop gives results independent of how tensors are grouped or
-    flattened, so a regrouped optimizer, an uninterrupted one and DeepSpeed's flat partitions agree
-    bit for bit."""
+    On CUDA (``fused`` None: decided by ``fused_applies``) torch's fused kernel: a few launches per
+    step instead of several per tensor; its update is elementwise too (tests/test_gpu.py holds
+    DeepSpeed to the torch engine on one GPU). Otherwise ``foreach=False``: the per-parameter loop
+    gives results independent of how tensors are grouped or flattened, so a regrouped optimizer, an
+    uninterrupted one and DeepSpeed's flat partitions agree bit for bit on the CPU."""
+    if fused is None:
+        fused = fused_applies(p for g in groups for p in g["params"])
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=False)
+
+
+def adam_step_tensor(step: float, master: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """An Adam ``step`` entry for state installed by hand (a regroup, a resume), placed as torch places
+    its own (``Adam._init_group``): a float32 tensor on the parameter's device for a fused or
+    capturable optimizer, whose kernels read and increment it there; a host scalar otherwise."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    if on_device:
+        return torch.tensor(float(step), dtype=torch.float32, device=master.device)
+    return torch.tensor(float(step), dtype=torch.float32)
 
 
 def adamw_for(model: nn.Module, cfg) -> torch.optim.AdamW:

@@ -19,7 +19,7 @@ import json
 import os
 
 from megatie.checkpoint import SHARED_FILES, list_checkpoints, read_meta, set_aside, verify_files, zero_file
-from megatie.config import FREE, STRUCTURAL
+from megatie.config import BEFORE_SETTING, FREE, STRUCTURAL
 from megatie.errors import CheckpointError, ConfigError
 
 def _problem_for_rank(path: str, rank: int) -> str | None:
@@ -109,7 +109,7 @@ def adopt_unset(cfg, saved: dict):
     """``cfg`` with every setting the command line left unset (None: sizes, lr, max-steps, warmup...)
     taken from the checkpoint, so that ``--resume auto`` alone continues the run as it was and a
     flag given is a change (which ``check_settings`` then refuses unless allowed)."""
-    values = dataclasses.asdict(cfg)
+    values, saved = dataclasses.asdict(cfg), {**BEFORE_SETTING, **saved}
     for key, value in values.items():
         if value is None and key not in FREE and saved.get(key) is not None:
             values[key] = saved[key]
@@ -118,6 +118,7 @@ def adopt_unset(cfg, saved: dict):
 
 def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:
     """``{setting: [checkpoint's, this run's]}`` for every allowed change; raise for any other."""
+    saved = {**BEFORE_SETTING, **saved}
     unknown = sorted(set(allowed) - set(current))
     if unknown:
         raise ConfigError(f"--allow-changed names unknown setting(s) {', '.join(unknown)}")

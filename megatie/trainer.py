@@ -34,8 +34,10 @@ from megatie.objectives import objective_for
 from megatie.policies import build_policy, load_reference_run
 from megatie.resume import (adopt_unset, check_engine, check_max_steps, check_settings, check_timeline,
                             choose_checkpoint, set_aside_damaged, truncate_metrics)
+from megatie.speed import prepare_for_speed
 from megatie.state import num_independent
 from megatie.tying import LayerTying, count_parameters, unique_parameters
+from megatie.vocab import build_lm
 
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
 _RANK_STREAM = 7919
@@ -71,7 +73,7 @@ class Trainer:
         self.objective = objective_for(spec, cfg)
         self.data = self.objective.build_data(rank, world_size, self.sync.barrier)
         self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
-        self.model = spec.build_for(vars(cfg), seed=cfg.seed, device=self.device)
+        self.model = build_lm(spec, vars(cfg), seed=cfg.seed, device=self.device, pad_to=cfg.pad_vocab_to)
         self.tying = LayerTying(self.model, cfg.tie_mode, block_path=spec.block_path)
         self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
                                                      cfg.n_layer, cfg.n_embd, cfg.seq_len)
@@ -104,6 +106,7 @@ class Trainer:
             self.controller.setup()
         else:
             self._restore_structure(checkpoint)
+        self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device)
         self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
         if checkpoint is not None:
             # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
@@ -367,6 +370,7 @@ class Trainer:
             "steps": self.step,
             "engine": "deepspeed" if self.cfg.uses_deepspeed else "torch",
             "precision": self.cfg.precision,
+            **self.speed,
             "tie_policy": self.cfg.tie_policy,
             "tie_mode": self.cfg.tie_mode,
             "reward": self.cfg.reward,

@@ -37,7 +37,7 @@ import torch.distributed as tdist
 from megatie.checkpoint import (file_record, replace_dir, seal_checkpoint_dir, start_checkpoint_dir, write_shared_files,
                                 zero_file)
 from megatie.distributed import RankSync
-from megatie.engines.ds_config import engine_config, zero_stage_of
+from megatie.engines.ds_config import engine_config, offloads_optimizer, zero_stage_of
 from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
 from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, held_state_bytes,
                                         inner_optimizer)
@@ -106,8 +106,10 @@ class DeepSpeedEngine:
 
     def _optimizer_for(self, groups):
         cfg = self.cfg
+        # Fused on CUDA (build_adamw), but not when the masters it will step are offloaded to the host.
         optimizer = build_adamw([{"params": params, "weight_decay": cfg.weight_decay if decay == 0 else 0.0}
-                                 for decay, params in groups], cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+                                 for decay, params in groups], cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+                                fused=False if offloads_optimizer(cfg.deepspeed_config) else None)
         return optimizer, lr_scheduler(optimizer, cfg)
 
     def _record_layout(self, groups) -> None:

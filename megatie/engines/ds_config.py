@@ -84,9 +84,22 @@ def zero_stage_of(user: dict) -> int:
     return int(user.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(user: dict) -> bool:
+    """Whether the fp32 masters and Adam state live on the host (``offload_optimizer``)."""
+    offload = user.get("zero_optimization", {}).get("offload_optimizer")
+    return isinstance(offload, dict) and offload.get("device", "cpu") not in (None, "none")
+
+
 def engine_config(user: dict, cfg, world_size: int) -> dict:
-    """The user's engine settings plus what megatie owns (batch geometry, clipping)."""
+    """The user's engine settings plus what megatie owns (batch geometry, clipping) and what the
+    number of ranks decides (``overlap_comm``)."""
     out = json.loads(json.dumps(user))
+    if world_size == 1 and isinstance(out.get("zero_optimization"), dict):
+        # overlap_comm runs gradient reductions on a side stream, double-buffered, to hide them behind
+        # backward. With one rank there is nothing to hide: what remains is the side stream's
+        # synchronisations on every bucket and the second gradient buffer. Off, whatever the config
+        # says, so that one GPU and several share one config (ds_configs/README.md).
+        out["zero_optimization"]["overlap_comm"] = False
     out["train_micro_batch_size_per_gpu"] = cfg.batch_size
     out["gradient_accumulation_steps"] = cfg.grad_accum
     out["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world_size

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from megatie.engines.zero_state import MOMENTS, flat_views, inner_optimizer
 from megatie.errors import CheckpointError
+from megatie.optim import adam_step_tensor
 
 
 def _step_of(state: dict) -> int | None:
@@ -61,7 +62,6 @@ def load_zero_slice(ds_optimizer, rank: int, path: str) -> None:
             if record["step"] is None:
                 inner.state.pop(view.master, None)
                 continue
-            # torch's AdamW keeps a CPU float32 step tensor unless capturable/fused.
             inner.state[view.master] = {
-                "step": torch.tensor(float(record["step"]), dtype=torch.float32),
+                "step": adam_step_tensor(record["step"], view.master, inner),
                 **{k: tensors[f"{i}.{k}"].to(view.master.device).view_as(view.master) for k in MOMENTS}}

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as tdist
 
 from megatie.kernels import multi_tensor_copy_
-from megatie.optim import state_bytes
+from megatie.optim import adam_step_tensor, state_bytes
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 EVERY_RANK = -1  # holder/needer rank of an unpartitioned tensor: each rank has its own full copy
@@ -295,8 +295,7 @@ def _new_state(inner, views: list[FlatView], carried: Carried) -> list[list[torc
         tensors = [view.master.detach().view(-1)]
         if with_moments:
             moments = [torch.zeros_like(view.master) for _ in MOMENTS]
-            # torch's AdamW keeps a CPU float32 step tensor unless capturable/fused.
-            step = torch.tensor(float(carried.steps[with_moments[0]]), dtype=torch.float32)
+            step = adam_step_tensor(carried.steps[with_moments[0]], view.master, inner)
             inner.state[view.master] = {"step": step,
                                         MOMENTS[0]: moments[0], MOMENTS[1]: moments[1]}
             tensors += [m.view(-1) for m in moments]
