@@ -141,7 +141,9 @@ class TrainConfig:
         for key, value in {**PRESETS[self.preset], **spec.presets.get(self.preset, {})}.items():
             if values.get(key) is None:
                 values[key] = value
-        if values["vocab_size"] is None and spec.objective != "image":
+        if spec.objective == "image":
+            values["vocab_size"] = None  # classes, not tokens: the data decides (num_classes)
+        elif values["vocab_size"] is None:
             values["vocab_size"] = 8192
         if values["pad_vocab_to"] is None:
             values["pad_vocab_to"] = DEFAULT_PAD_VOCAB_TO

@@ -2,9 +2,9 @@
 
 The signal handlers raise ``KeyboardInterrupt`` at once, so a rank blocked in a long step unwinds
 (closing its process group). But Python drops an exception raised while a destructor runs ("Exception
-ignored in ... __del__"): an interrupt landing there used to vanish and the run trained on until the
-launcher's SIGKILL. So each handler also records the request, and the training loop calls
-``raise_if_requested`` at every step boundary.
+ignored in ... __del__", with a traceback on stderr): an interrupt landing there used to vanish and the
+run trained on until the launcher's SIGKILL. So each handler records the request, raises only outside
+destructors, and the training loop calls ``raise_if_requested`` at every step boundary.
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ def raise_if_requested() -> None:
 
 def _on_sigint(signum, frame):
     _requested.set()
-    raise KeyboardInterrupt
+    if not _in_destructor(frame):  # there Python would print the exception and drop it: wait for the loop
+        raise KeyboardInterrupt
+
+
+def _in_destructor(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _on_sigterm(signum, frame):

@@ -72,7 +72,8 @@ def prepare_for_speed(model, tying, cfg, device: torch.device) -> dict:
         "compiled_blocks": compile_blocks(model, tying.blocks) if cfg.compile else 0,
         # What build_adamw will choose (DeepSpeed with offloaded state excepted: the host steps it).
         "fused_adamw": fused_applies(unique_parameters(model, trainable_only=True)) and not _offloaded(cfg),
-        "padded_vocab_size": padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to),
+        "padded_vocab_size": (None if cfg.vocab_size is None  # images: classes, never padded
+                              else padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to)),
     }
 
 

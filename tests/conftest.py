@@ -18,3 +18,11 @@ def cache_dir(tmp_path_factory):
     """One data and tokenizer cache for every in-process trainer test: each corpus is prepared once."""
     return str(tmp_path_factory.mktemp("cache"))
 
+
+@pytest.fixture(scope="module")
+def interpret():
+    """Triton kernels run under its interpreter (a CPU checks their correctness, not their speed)."""
+    pytest.importorskip("triton")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield

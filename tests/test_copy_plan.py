@@ -17,14 +17,6 @@ from megatie.kernels import copy as copy_mod
 POISON = 0xA5
 
 
-@pytest.fixture(scope="module")
-def interpret():
-    pytest.importorskip("triton")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
 def carve(layout, seed=0):
     """(dst arena, dsts, srcs) for ``layout`` = [(dtype, numel, src byte offset, dst byte offset)].
 

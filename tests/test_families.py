@@ -102,10 +102,16 @@ def test_masks_and_augmentation_depend_on_the_step_not_on_history(tmp_path):
     assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
     chosen = (a["labels"] != -100).float().mean().item()
     assert 0.05 < chosen < 0.3  # about --mask-prob 0.15 of the tokens
-    vit = _trainer("vit", tmp_path / "v", tmp_path / "c", "--max-steps", "1")
+    folder = _image_folder(tmp_path / "images")  # natural-image sources are augmented (digits are not)
+    vit = _trainer("vit", tmp_path / "v", tmp_path / "c", "--max-steps", "1", "--image-dir", str(folder))
     raw = next(vit.loader)
     x, y = vit.objective.train_inputs(raw, 5, 0, 0), vit.objective.train_inputs(raw, 6, 0, 0)
     assert torch.equal(x["labels"], raw[1]) and not torch.equal(x["pixel_values"], y["pixel_values"])
+    assert torch.equal(x["pixel_values"], vit.objective.train_inputs(raw, 5, 0, 0)["pixel_values"])
+    digits = _trainer("vit", tmp_path / "d", tmp_path / "c", "--max-steps", "1")
+    raw = next(digits.loader)
+    assert torch.equal(digits.objective.train_inputs(raw, 5, 0, 0)["pixel_values"],
+                       digits.objective.eval_inputs(raw, 0)["pixel_values"])
 
 
 def _cli(script, *args, timeout=300):

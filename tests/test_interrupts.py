@@ -50,3 +50,32 @@ def test_trainer_stops_at_the_step_after_a_lost_interrupt(tmp_path, cache_dir):
         with pytest.raises(KeyboardInterrupt):
             trainer.train()
     assert trainer.step == 2
+
+
+def test_an_interrupt_inside_a_destructor_waits_for_the_step_boundary():
+    """Raised inside ``__del__``, Python would print "Exception ignored" with a traceback and drop it."""
+    import signal
+    import sys
+
+    from megatie import interrupts
+
+    seen = {}
+
+    class Finalised:
+        def __del__(self):
+            try:
+                interrupts._on_sigint(signal.SIGINT, sys._getframe())
+                seen["raised"] = False
+            except KeyboardInterrupt:
+                seen["raised"] = True
+
+    interrupts._requested.clear()
+    try:
+        Finalised()  # dropped at once: its destructor receives the "signal"
+        assert seen == {"raised": False} and interrupts._requested.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.raise_if_requested()
+        with pytest.raises(KeyboardInterrupt):  # anywhere else it raises at once
+            interrupts._on_sigint(signal.SIGINT, sys._getframe())
+    finally:
+        interrupts._requested.clear()

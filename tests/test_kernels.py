@@ -25,14 +25,6 @@ INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float
 SMALL_BLOCK_BYTES = 64
 
 
-@pytest.fixture(scope="module")
-def interpret():
-    pytest.importorskip("triton")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
 def bits(t):
     """Integer view of a tensor: equality of bits, so NaN == NaN and -0.0 != 0.0."""
     return t.contiguous().view(INT_VIEW[t.dtype])

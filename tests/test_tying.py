@@ -58,6 +58,23 @@ def check_invariants(model, tying):
     assert tying.untied_parameter_count() == outside + tying.num_blocks * per_block
 
 
+def perturb_and_retie(model, tying, rng):
+    """'Train' (perturb every trainable tensor, so copies are distinguishable), move to a random state,
+    and check the weights every block ends with and the invariants."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    vals, old, frozen = snapshot(tying), list(tying.state), set(tying.frozen)
+    new = random_state(rng, tying.num_blocks)
+    plan = tying.apply(new)
+    assert plan.new_state == new
+    for i, expected in enumerate(expected_after(vals, old, new, frozen)):
+        for got, want in zip(tying.block_tensors(i), expected):
+            assert torch.equal(got, want), f"block {i} has the wrong weights after {old} -> {new}"
+    check_invariants(model, tying)
+
+
 @pytest.mark.parametrize("mode", ["shared", "frozen-replica"])
 @pytest.mark.parametrize("kind", MODELS)
 def test_random_state_sequences(kind, mode):
@@ -68,19 +85,7 @@ def test_random_state_sequences(kind, mode):
     check_invariants(model, tying)
     batch = torch.randint(0, VOCAB, (2, 8))
     for _ in range(12):
-        # "Train": perturb every trainable tensor so copies are distinguishable.
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.01)
-        vals, old, frozen = snapshot(tying), list(tying.state), set(tying.frozen)
-        new = random_state(rng, 6)
-        plan = tying.apply(new)
-        assert plan.new_state == new
-        for i, expected in enumerate(expected_after(vals, old, new, frozen)):
-            for got, want in zip(tying.block_tensors(i), expected):
-                assert torch.equal(got, want), f"block {i} has the wrong weights after {old} -> {new}"
-        check_invariants(model, tying)
+        perturb_and_retie(model, tying, rng)
         assert torch.isfinite(lm_loss(model, batch))
 
 
@@ -195,16 +200,7 @@ def test_vit_blocks_tie(mode):
     tying.initialize([0] * 6, frozen=range(1, 6))
     rng = random.Random(5)
     for _ in range(8):
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.01)
-        vals, old, frozen = snapshot(tying), list(tying.state), set(tying.frozen)
-        new = random_state(rng, 6)
-        tying.apply(new)
-        for i, expected in enumerate(expected_after(vals, old, new, frozen)):
-            assert all(torch.equal(g, w) for g, w in zip(tying.block_tensors(i), expected))
-        check_invariants(model, tying)
+        perturb_and_retie(model, tying, rng)
         out = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
         assert out.shape == (2, 3) and torch.isfinite(out).all()
 

@@ -344,6 +344,22 @@ def test_resume_across_regroups_is_exact(tmp_path, reference, name):
     assert resumed.engine.engine.global_steps == t.engine.engine.global_steps == 36
 
 
+def test_vit_trains_in_bf16_under_zero2_through_regroups(tmp_path):
+    """Pixels are floats: they reach a bf16 engine in its precision (token ids stay integers)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    cfg = config_from_args(build_parser().parse_args(
+        ["--out-dir", str(tmp_path), "--max-steps", "6", "--n-layer", "4", "--n-embd", "32", "--n-head", "4",
+         "--batch-size", "8", "--tie-policy", "qlearning", "--tie-every", "2", "--eval-batches", "1",
+         "--no-checkpoints", "--no-progress"]))
+    cfg.model, cfg.deepspeed_config = "vit", {"zero_optimization": {"stage": 2, "overlap_comm": False},
+                                               "bf16": {"enabled": True}}
+    summary = Trainer(cfg, sync=SYNC).train()
+    assert summary["precision"] == "bf16" and summary["regroups"] >= 1 and summary["final_val_accuracy"] is not None
+
+
 def test_no_deepspeed_pickle_is_ever_loaded(tmp_path, reference):
     """A payload planted in the optimizer files (hashes updated to match) is refused, never run."""
     from safetensors.torch import save_file
@@ -440,18 +456,3 @@ def test_cli_single_process_deepspeed_run(tmp_path):
                for k in ("regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"))
     init_deepspeed_distributed()  # the CLI tore the process group down; later tests need one
 
-
-def test_vit_trains_in_bf16_under_zero2_through_regroups(tmp_path):
-    """Pixels are floats: they reach a bf16 engine in its precision (token ids stay integers)."""
-    from deepspeed.accelerator import get_accelerator
-
-    if not get_accelerator().is_bf16_supported():
-        pytest.skip("DeepSpeed's accelerator here has no bf16")
-    cfg = config_from_args(build_parser().parse_args(
-        ["--out-dir", str(tmp_path), "--max-steps", "6", "--n-layer", "4", "--n-embd", "32", "--n-head", "4",
-         "--batch-size", "8", "--tie-policy", "cycle", "--tie-every", "2", "--eval-batches", "1",
-         "--no-checkpoints", "--no-progress"]))
-    cfg.model, cfg.deepspeed_config = "vit", {"zero_optimization": {"stage": 2, "overlap_comm": False},
-                                               "bf16": {"enabled": True}}
-    summary = Trainer(cfg, sync=SYNC).train()
-    assert summary["precision"] == "bf16" and summary["regroups"] >= 1 and summary["final_val_accuracy"] is not None
