@@ -17,6 +17,7 @@ import torch
 
 from megatie.cli import build_parser, config_from_args
 from megatie.export import untied_state_dict
+from megatie.objectives import model_inputs_on
 from megatie.trainer import Trainer
 from megatie.tying import unique_parameters
 from test_zero_distributed import _port
@@ -58,8 +59,9 @@ def test_tied_blocks_share_tensors_and_compute_as_an_untied_copy(tmp_path, famil
     inputs = t.objective.eval_inputs(next(iter(t.data.eval_batches("valid", 2, 1))), 0)
     inputs.pop("labels")
     t.model.eval(), plain.eval()
-    with torch.no_grad():
-        assert torch.allclose(t.model(**inputs).logits, plain(**inputs).logits, atol=1e-5)
+    with torch.no_grad():  # each model where it lives (the trainer's may be on a GPU)
+        tied = t.model(**model_inputs_on(inputs, t.model, t.device)).logits.cpu()
+        assert torch.allclose(tied, plain(**inputs).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["bert", "vit"])
