@@ -8,6 +8,12 @@ the paper's four figures (PNG) for every row of the first seed:
         --regime short --out-dir runs/repro
     python benchmarks/reproduce.py ... --regime paper --rows conventional,cycle,qlearning,grow
     python benchmarks/reproduce.py --family vit --rows conventional,alternate,cycle,qlearning --steps 300
+    python benchmarks/reproduce.py --corpora pydoc vim-manual wikitext2=valid.txt:test.txt perldiag \
+        --kept-aside perldiag --rows conventional,alternate,cycle,split --seeds 1,2,3 --jobs 2
+
+``--corpora`` runs the rows on every corpus (``benchmarks/corpora.py``: built-in texts or NAME=TRAIN[:VALID]),
+each with its own tokenizer, and writes one table, a Pareto figure and the default chosen by the worst
+corpus (``benchmarks/multi_corpus.py``). ``--jobs N`` runs N rows at a time (use OMP_NUM_THREADS=1 on a CPU).
 
 ``--family`` picks the launcher (gpt2, llama, bert, vit); the table then carries the family's metric
 (masked-token or top-1 accuracy) and its trivial baseline (unigram perplexity, majority class).
@@ -30,9 +36,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -79,6 +83,8 @@ ROWS: dict[str, tuple[list[str], str]] = {
                         "--gamma", "0.5", "--target-sync", "10", "--agent-moves", "local", "--keep-margin", "0.1",
                         "--eps-decay", "0.9"],
                        "as qlearning-local, rewarded with the loss drop over its interval on one fixed batch"),
+    "split": (["--tie-policy", "split"], "all tied, then the most gradient-conflicted group split while "
+              "within --param-budget (1/3)"),
     # Schedules without learning.
     "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),
     "grow": (["--tie-policy", "grow"], "all tied to block 0, then 2/3/4 contiguous groups after 50% of training"),
@@ -319,9 +325,20 @@ def parse(argv=None):
     p.add_argument("--out-dir", default="runs/reproduce")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and figures")
+    p.add_argument("--corpora", nargs="+", default=[], metavar="CORPUS",
+                   help="run on every corpus: pydoc, vim-manual, perldiag, or NAME=TRAIN[:VALID]")
+    p.add_argument("--kept-aside", default="", help="comma-separated corpora reported but never used to choose")
+    p.add_argument("--budget", type=float, default=1 / 3,
+                   help="--corpora: the default is chosen among rows within this share of conventional's parameters")
+    p.add_argument("--jobs", type=int, default=1, help="rows trained at a time")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': more launcher flags for every row")
     opts = p.parse_args(argv)
     opts.seeds = [int(s) for s in opts.seeds.split(",") if s]
+    opts.kept_aside = [k for k in opts.kept_aside.split(",") if k]
+    if opts.corpora and (opts.train_file or opts.valid_file):
+        p.error("give either --corpora or --train-file/--valid-file")
+    if opts.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {opts.jobs}")
     rows = list(ROWS) if opts.rows == "all" else [r for r in opts.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -335,26 +352,27 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     opts, rows = parse(argv)
+    if opts.corpora:
+        from multi_corpus import main as multi_corpus_main
+
+        return multi_corpus_main(opts, rows)
     if not opts.train_file and opts.family == "gpt2" and not opts.dry_run and not opts.report_only:
         print("error: --train-file is required (the paper's tables compare on a corpus)", file=sys.stderr)
         return 2
     opts.tokenizer_args = [] if opts.report_only else full_corpus_tokenizer(opts)
+    # Rows that read a reference run (the ablations) wait for it: references first, then the rest.
+    waves: tuple[list, list] = ([], [])
     for seed in opts.seeds:
         for name in rows:
-            d = run_dir(opts.out_dir, opts.regime, seed, name)
-            cmd = command(opts, name, seed)
+            d, cmd = run_dir(opts.out_dir, opts.regime, seed, name), command(opts, name, seed)
             if opts.dry_run:
                 print(" ".join(cmd))
-                continue
-            if opts.report_only or os.path.isfile(os.path.join(d, "summary.json")):
-                continue
-            os.makedirs(os.path.dirname(d), exist_ok=True)
-            t0 = time.time()
-            with open(d + ".log", "w", encoding="utf-8") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            print(f"{name} seed {seed}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
-            if rc != 0:
-                print(f"  see {d}.log", file=sys.stderr)
+            waves[name != "qlearning"].append((f"{name} seed {seed}", cmd, d))
+    if not (opts.dry_run or opts.report_only):
+        from multi_corpus import run_jobs
+
+        for wave in waves:
+            run_jobs(wave, opts.jobs)
     if opts.dry_run:
         return 0
     md, js = write_report(opts, rows)

@@ -103,6 +103,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--grow-layout", default=d.grow_layout, choices=GROW_LAYOUTS,
                      help="grow: contiguous chunks (1, 2, ..., final groups) or block i -> i mod g "
                           "(g along a divisor chain such as 1, 2, 4, 12)")
+    tie.add_argument("--param-budget", type=float,
+                     help="split: trainable parameters never above this fraction of conventional's (default 1/3)")
     data = p.add_argument_group("data")
     data.add_argument("--train-file", dest="train_files", action="append", default=[],
                       help="text file or glob (.txt, .jsonl, .gz); repeatable")

@@ -101,6 +101,8 @@ class TrainConfig:
     grow_start: float = 0.5
     grow_final: int | None = None
     grow_layout: str = "contiguous"
+    # split: the most trainable parameters it may reach, as a fraction of conventional's (default 1/3)
+    param_budget: float | None = None
     # data
     train_files: list[str] = field(default_factory=list)
     valid_files: list[str] = field(default_factory=list)
@@ -156,6 +158,8 @@ class TrainConfig:
             cfg.checkpoint_every = cfg.eval_every
         if cfg.reward_batch_size is None:
             cfg.reward_batch_size = cfg.batch_size
+        if cfg.param_budget is None and cfg.tie_policy == "split":
+            cfg.param_budget = 1 / 3
         if cfg.deepspeed is not None or cfg.deepspeed_config is not None:
             from megatie.engines.ds_config import load_ds_config, precision_of
 
@@ -218,6 +222,13 @@ class TrainConfig:
             raise ConfigError(f"--grow-start must be in [0, 1), got {self.grow_start}")
         if self.grow_layout not in GROW_LAYOUTS:
             raise ConfigError(f"unknown --grow-layout {self.grow_layout!r}; choose contiguous or cyclic")
+        if self.param_budget is not None and self.tie_policy != "split":
+            raise ConfigError("--param-budget is for --tie-policy split (the other policies fix their structure "
+                              "or learn it from a reward)")
+        if self.param_budget is not None and not 0 < self.param_budget <= 1:
+            raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {self.param_budget}")
+        if self.tie_policy == "split" and self.tie_mode != "shared":
+            raise ConfigError("--tie-policy split measures each block's gradient: it needs --tie-mode shared")
         if self.grow_final is not None and not 1 <= self.grow_final <= self.n_layer:
             raise ConfigError(f"--grow-final must be in 1..{self.n_layer}, got {self.grow_final}")
         if self.tie_policy not in ("conventional", "vanilla") and self.n_layer < 2:

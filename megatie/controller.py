@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from megatie.agent import reward_from_loss
 from megatie.distributed import RankSync, param_checksum
 from megatie.errors import ConfigError
@@ -42,7 +44,8 @@ class TieController:
                  reward: str = "neg-ppl",
                  regroup: Callable[[RegroupPlan], dict | None] | None = None,
                  reward_loss: Callable[[], float] | None = None, reward_delay: bool = False,
-                 last_step: int | None = None, sync: RankSync | None = None):
+                 last_step: int | None = None, sync: RankSync | None = None,
+                 gradient_gram: Callable[[], torch.Tensor] | None = None):
         if tie_every < 1:
             raise ConfigError(f"--tie-every must be a positive number of steps, got {tie_every}")
         reward_from_loss(0.0, reward, previous=0.0)  # validates the name
@@ -51,6 +54,7 @@ class TieController:
         self.tying, self.policy, self.tie_every, self.reward = tying, policy, tie_every, reward
         self.regroup = regroup or (lambda plan: None)
         self.reward_loss = reward_loss
+        self.gradient_gram = gradient_gram  # per-block gradient Gram matrix, for policies that split by it
         self.last_step = last_step  # no decision there: its copies would never be trained
         self.sync = sync or RankSync()
         self.reward_delay = reward_delay or reward == "loss-drop"
@@ -82,6 +86,8 @@ class TieController:
         if learns and self.reward_delay and (self._pending is not None or self.reward == "loss-drop"):
             # Measured before this decision's copies: k steps of training under the previous choice.
             loss_before = self._measure()
+        if getattr(self.policy, "needs_gradients", False):
+            self.policy.gram = self._mean_gram()
         if self.sync.is_main:
             if learns and self.reward_delay and self._pending is not None:
                 prev_state, prev_action, prev_next, prev_index, prev_loss = self._pending
@@ -113,6 +119,7 @@ class TieController:
             **plan.transition.counts(),
             **regrouped,
         }
+        record.update(proposal.info)
         if proposal.state != record["state"]:
             record["policy_state"] = proposal.state
         if learns:
@@ -150,6 +157,13 @@ class TieController:
             self.sync.verify(f"the tie state after decision {index}", list(self.tying.state))
             self.sync.verify(f"the weights after decision {index} (parameter checksum)",
                              param_checksum(unique_parameters(self.tying.model)))
+
+    def _mean_gram(self) -> torch.Tensor:
+        """The per-block gradient Gram matrix, averaged over ranks (each probes its own batch)."""
+        if self.gradient_gram is None:
+            raise RuntimeError("a splitting policy needs a gradient_gram callback")
+        grams = self.sync.gather(self.gradient_gram().tolist())
+        return torch.tensor(grams, dtype=torch.float64).mean(dim=0)
 
     def _measure(self) -> float:
         """The reward's loss, averaged over ranks (each measures on its own batch)."""

@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatie.agent import AgentConfig, QLearningAgent
 # Policy names and descriptions are defined torch-free (for the launcher's parser) and re-exported here.
 from megatie.choices import GROW_LAYOUTS, POLICIES  # noqa: F401
 from megatie.errors import ConfigError
+from megatie.gradient_probe import cosine, group_conflict
 from megatie.state import (
     action_for_state,
     all_tied_state,
+    groups,
     identity_state,
+    num_independent,
     permute_state,
     state_from_action,
     validate_state,
@@ -33,6 +36,7 @@ class Proposal:
     action: list[int]
     state: list[int]
     explored: bool = False
+    info: dict = field(default_factory=dict)  # what the decision saw, for the run's log
 
 
 class TyingPolicy:
@@ -244,6 +248,59 @@ class ReplayPolicy(TyingPolicy):
         return Proposal(action_for_state(s), list(s))
 
 
+class SplitPolicy(TyingPolicy):
+    """Adapts to the data: every block starts on block 0's weights; at each decision, while the parameter
+    budget allows one more independent block, the group whose members' gradients disagree most (measured
+    by ``megatie.gradient_probe`` on a probe batch) is split in two.
+
+    The split is seeded by the group's root and the member whose gradient is least aligned with the
+    root's; every other member goes with whichever seed its gradient is closer to. The moved members
+    tie to the lowest of them, which inherits the root's weights and optimizer state: a split preserves
+    the function, and no trained root is ever tied again. ``max_roots`` comes from ``--param-budget``.
+    """
+
+    name = "split"
+    needs_gradients = True
+
+    def __init__(self, num_blocks: int, max_roots: int):
+        super().__init__(num_blocks)
+        if not 1 <= max_roots <= num_blocks:
+            raise ConfigError(f"the parameter budget allows {max_roots} independent blocks; it must allow "
+                              f"1..{num_blocks}")
+        self.max_roots = max_roots
+        self.gram = None  # set by the controller before each proposal
+
+    def initial_state(self):
+        return all_tied_state(self.num_blocks)
+
+    def propose(self, state, index):
+        candidates = [m for m in groups(state).values() if len(m) > 1]
+        if num_independent(state) >= self.max_roots or not candidates or self.gram is None:
+            return Proposal(action_for_state(state), list(state))
+        members = max(candidates, key=lambda m: group_conflict(self.gram, m))
+        root = members[0]
+        seed = min(members[1:], key=lambda j: cosine(self.gram, j, root))
+        moved = [j for j in members[1:] if j == seed or cosine(self.gram, j, seed) > cosine(self.gram, j, root)]
+        new = list(state)
+        for j in moved:
+            new[j] = moved[0]
+        return Proposal(action_for_state(new), new, info={"split_group": members, "split_moved": moved,
+                                                          "split_conflict": group_conflict(self.gram, members)})
+
+
+def roots_within_budget(budget: float, conventional: int, per_block: int, num_blocks: int) -> int:
+    """How many independent blocks keep the trainable parameters within ``budget`` x conventional's: the
+    parameters outside the blocks (embeddings, final norm) always train; each root adds one block's."""
+    if not 0 < budget <= 1:
+        raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {budget}")
+    outside = conventional - num_blocks * per_block
+    roots = min(num_blocks, int((budget * conventional - outside) // per_block))
+    if roots < 1:
+        raise ConfigError(f"--param-budget {budget} cannot pay for one block: the layers outside the blocks "
+                          f"alone are {outside / conventional:.2f} of conventional's trainable parameters")
+    return roots
+
+
 # ----------------------------------------------------------------------------- reference runs
 def load_reference_run(run_dir: str) -> dict:
     """Read the decisions and summary of an earlier run (for static / replay / vanilla ablations)."""
@@ -269,7 +326,8 @@ def load_reference_run(run_dir: str) -> dict:
 def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentConfig | None = None,
                  reference: dict | None = None, static_state: list[int] | None = None,
                  total_steps: int | None = None, tie_every: int = 15, grow_start: float = 0.5,
-                 grow_final: int | None = None, grow_layout: str = "contiguous") -> TyingPolicy:
+                 grow_final: int | None = None, grow_layout: str = "contiguous",
+                 max_roots: int | None = None) -> TyingPolicy:
     """Build a policy by its launcher name (see ``POLICIES``)."""
     if name not in POLICIES:
         raise ConfigError(f"unknown tie policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -280,6 +338,8 @@ def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentC
         if total_steps is None:
             raise ConfigError("tie policy 'grow' needs the run length (max_steps)")
         return GrowPolicy(num_blocks, total_steps, tie_every, grow_start, grow_final, grow_layout)
+    if name == "split":
+        return SplitPolicy(num_blocks, num_blocks if max_roots is None else max_roots)
     if name in ("conventional", "vanilla"):
         return StaticPolicy(num_blocks, identity_state(num_blocks), name=name)
     if name == "qlearning":

@@ -23,20 +23,24 @@ from megatie.agent import AgentConfig
 from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, replace_dir, step_name
 from megatie.config import TrainConfig
 from megatie.controller import TieController
-from megatie.distributed import RankSync, param_checksum
+from megatie.data.prefetch import StepPrefetcher
+from megatie.distributed import RankSync
 from megatie.engines import build_engine
 from megatie.errors import CheckpointError, ConfigError, DivergedError
 from megatie.interrupts import raise_if_requested
 from megatie.flops import mfu, model_flops_per_token, peak_flops
 from megatie.memory import MemoryMonitor
 from megatie.metrics import MetricsLogger, write_json_atomic
-from megatie.objectives import objective_for
-from megatie.policies import build_policy, load_reference_run
+from megatie.gradient_probe import block_gradient_gram
+from megatie.objectives import model_inputs_on, objective_for
+from megatie.policies import build_policy, load_reference_run, roots_within_budget
 from megatie.resume import (adopt_unset, check_engine, check_max_steps, check_settings, check_timeline,
                             choose_checkpoint, set_aside_damaged, truncate_metrics)
 from megatie.speed import prepare_for_speed
 from megatie.state import num_independent
-from megatie.tying import LayerTying, count_parameters, unique_parameters
+from megatie.step_losses import PendingLosses
+from megatie.summary import run_summary
+from megatie.tying import LayerTying, count_parameters
 from megatie.vocab import build_lm
 
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
@@ -88,16 +92,18 @@ class Trainer:
                                    reference=reference, static_state=cfg.static_state,
                                    total_steps=cfg.max_steps, tie_every=cfg.tie_every,
                                    grow_start=cfg.grow_start, grow_final=cfg.grow_final,
-                                   grow_layout=cfg.grow_layout)
+                                   grow_layout=cfg.grow_layout, max_roots=self._roots_within_budget())
         self.controller = TieController(self.tying, self.policy, cfg.tie_every, cfg.reward,
                                         regroup=lambda plan: self.engine.regroup(plan),
                                         reward_loss=self._reward_loss, reward_delay=cfg.reward_delay,
-                                        last_step=cfg.max_steps, sync=self.sync)
+                                        last_step=cfg.max_steps, sync=self.sync,
+                                        gradient_gram=self._gradient_gram)
         # Reward batches come from their own generator so that the training data order is the
         # same for every policy with the same seed.
         self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1 + _RANK_STREAM * rank)
         self.loader = self.data.train_loader(cfg.batch_size, cfg.seed, rank, world_size)
         self.step = 0
+        self.pending_losses = PendingLosses()
         self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
                       "step_time": 0.0, "regroup_time": 0.0, "regroups": 0, "skipped_steps": 0,
                       "best_val_ppl": math.inf, "test_ppl_at_best_val": None, "val_accuracy_at_best_val": None}
@@ -148,6 +154,19 @@ class Trainer:
         self.model.train(was_training)
         return loss
 
+    def _gradient_gram(self):
+        """Each block's gradient on a probe batch (drawn like the reward's), compared pairwise."""
+        raw = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
+        inputs = model_inputs_on(self.objective.train_inputs(raw, self.step, 0, self.rank), self.model, self.device)
+        return block_gradient_gram(self.model, self.tying, inputs)
+
+    def _roots_within_budget(self) -> int | None:
+        if self.cfg.param_budget is None:
+            return None
+        per_block = sum(t.numel() for t in self.tying.block_tensors(0))
+        return roots_within_budget(self.cfg.param_budget, self.tying.untied_parameter_count(), per_block,
+                                   self.tying.num_blocks)
+
     def evaluate(self, split: str = "valid") -> float:
         """Perplexity over the split (``--eval-batches`` batches at most), weighted by predictions."""
         return self.evaluate_metrics(split)["ppl"]
@@ -193,6 +212,8 @@ class Trainer:
 
     def save(self, name: str | None = None) -> str:
         """Every rank writes its part (DeepSpeed) or rank 0 writes all (torch); atomically either way."""
+        if len(self.pending_losses):
+            self.read_losses()
         self._check_finite_weights()
         root = os.path.join(self.cfg.out_dir, "checkpoints")
         path = self.engine.save_checkpoint(root, name or step_name(self.step), self.step, self._trainer_state())
@@ -233,17 +254,25 @@ class Trainer:
         monitor = MemoryMonitor(self.device).start()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
                    dynamic_ncols=True)
+        # Step k+1's inputs are made (and pinned, for a GPU) on a worker thread while step k trains.
+        prefetcher = StepPrefetcher(self.loader, lambda raw, step, micro: self.objective.train_inputs(
+            raw, step, micro, self.rank), cfg.grad_accum, pin=self.device.type == "cuda")
         trainable = count_parameters(self.model)[0]
         last_val = None
         try:
             while self.step < stop:
                 raise_if_requested()
-                batches = [self.next_inputs(micro) for micro in range(cfg.grad_accum)]
+                batches = prefetcher.take(self.step, read_ahead=self.step + 1 < stop)
                 t0 = time.perf_counter()
-                loss = self.engine.train_step(batches)  # returns a float: the step has finished
-                self._check_finite_loss(loss)
-                self.stats["step_time"] += time.perf_counter() - t0
+                # The loss stays on the device: reading it would make the host wait for the step.
+                self.pending_losses.add(self.step + 1, self.engine.train_step(batches), self.engine.step_skipped())
                 self.step += 1
+                logs = self.step % cfg.log_every == 0 or self.step == stop
+                evaluates = self.step % cfg.eval_every == 0 or self.step == stop
+                saves = cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop)
+                if logs or evaluates or saves or self.controller.is_decision_step(self.step):
+                    loss = self.read_losses()  # waits for the step: the times below include it
+                self.stats["step_time"] += time.perf_counter() - t0
                 self.stats["trainable_sum"] += trainable
                 self.stats["independent_sum"] += num_independent(self.tying.state)
                 decision = self.controller.maybe_decide(self.step)
@@ -255,38 +284,41 @@ class Trainer:
                         self.stats["regroup_time"] += decision["regroup_seconds"]
                         self.stats["regroups"] += 1
                     self.logger.log(decision, self.step, prefix="tying/")
-                if self.step % cfg.log_every == 0 or self.step == stop:
+                if logs:
                     self.logger.log({"event": "train", "step": self.step, "loss": loss, "lr": self.engine.lr,
                                      "trainable_params": trainable, "n_independent": self.tying.num_independent(),
-                                     "tokens_per_second": self._tokens_per_second(), "mfu": self._mfu()},
+                                     "tokens_per_second": self.tokens_per_second(), "mfu": self.mfu()},
                                     self.step, prefix="train/")
-                if self.step % cfg.eval_every == 0 or self.step == stop:
+                if evaluates:
                     last_val = self._evaluate_and_track()
-                if cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
+                if saves:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(), **_shown(last_val),
-                                **({} if self.peak_flops is None else {"mfu": f"{self._mfu():.1%}"}))
+                if logs:
+                    bar.set_postfix(loss=f"{loss:.3f}", indep=self.tying.num_independent(), **_shown(last_val),
+                                    **({} if self.peak_flops is None else {"mfu": f"{self.mfu():.1%}"}))
         finally:
+            prefetcher.close()
             bar.close()
             memory = monitor.stop()
-        summary = self._summary(memory, last_val if last_val is not None else self.evaluate_metrics("valid"))
+        summary = run_summary(self, memory, last_val if last_val is not None else self.evaluate_metrics("valid"))
         if self.is_main:
             write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
         self.logger.close()
         return summary
 
-    def _check_finite_loss(self, loss: float) -> None:
-        """A non-finite loss ends the run, before anything diverged is saved - unless fp16's loss
-        scaler caught it and skipped the step (then it lowers the scale and training goes on)."""
-        if math.isfinite(loss):
-            return
-        if self.engine.step_skipped():
-            self.stats["skipped_steps"] += 1
-            return
-        raise DivergedError(f"training diverged: the loss is {loss} at step {self.step + 1}; nothing after the last "
-                            "checkpoint was saved. Lower --lr or raise --warmup-steps, then resume with "
-                            "--resume auto --allow-changed lr,warmup_steps")
+    def read_losses(self) -> float:
+        """The parked training losses, read in one transfer; the newest is returned. A non-finite one ends
+        the run before anything diverged is saved - unless fp16's loss scaler caught it and skipped the
+        step (then it lowers the scale and training goes on)."""
+        losses = self.pending_losses.read()
+        self.stats["skipped_steps"] += sum(1 for x in losses if x.skipped and not math.isfinite(x.value))
+        bad = PendingLosses.first_diverged(losses)
+        if bad is not None:
+            raise DivergedError(f"training diverged: the loss is {bad.value} at step {bad.step}; nothing after the "
+                                "last checkpoint was saved. Lower --lr or raise --warmup-steps, then resume with "
+                                "--resume auto --allow-changed lr,warmup_steps")
+        return losses[-1].value
 
     def _check_finite_weights(self) -> None:
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -295,12 +327,12 @@ class Trainer:
                                 "not saved. Lower --lr or raise --warmup-steps, then resume with --resume auto "
                                 "--allow-changed lr,warmup_steps")
 
-    def _tokens_per_second(self) -> float:
+    def tokens_per_second(self) -> float:
         return self.stats["tokens"] / max(self.stats["train_time"], 1e-9)
 
-    def _mfu(self) -> float | None:
+    def mfu(self) -> float | None:
         """Over the training time so far, regroups and reward measurements included."""
-        return mfu(self.flops_per_token, self._tokens_per_second(), self.world_size, self.peak_flops)
+        return mfu(self.flops_per_token, self.tokens_per_second(), self.world_size, self.peak_flops)
 
     def _evaluate_and_track(self) -> dict:
         """Validation metrics; the best perplexity (the loss's scale, for every objective) keeps a checkpoint."""
@@ -316,67 +348,6 @@ class Trainer:
                 self.save("best")
         self.logger.log(row, self.step, prefix="eval/")
         return metrics
-
-    def _regroup_over_step(self) -> float | None:
-        """Mean regroup time over mean training-step time (None before any regroup)."""
-        if not self.stats["regroups"] or not self.step:
-            return None
-        return (self.stats["regroup_time"] / self.stats["regroups"]) / max(self.stats["step_time"] / self.step, 1e-12)
-
-    def _summary(self, memory: dict, final_val: dict) -> dict:
-        """Collective: every rank calls it (memory is the most any rank used, checksums one per rank)."""
-        steps = max(self.step, 1)
-        trainable, total = count_parameters(self.model)
-        ranks_memory = self.sync.gather({k: memory.get(k) for k in ("peak_bytes", "avg_bytes", "peak_reserved_bytes",
-                                                                    "peak_sampled_bytes")})
-        most = {k: max((m[k] for m in ranks_memory if m[k] is not None), default=None) for k in ranks_memory[0]}
-        return {
-            "objective": self.objective.name,
-            "final_val_ppl": final_val["ppl"],
-            "final_val_loss": final_val["loss"],
-            # masked-token accuracy (masked LM) or top-1 accuracy (images); None for causal LMs
-            "final_val_accuracy": final_val.get("accuracy"),
-            "best_val_ppl": self.stats["best_val_ppl"],
-            "val_accuracy_at_best_val": self.stats["val_accuracy_at_best_val"],
-            "test_ppl_at_best_val": self.stats["test_ppl_at_best_val"],
-            "mean_trainable_params": self.stats["trainable_sum"] / steps,
-            "final_trainable_params": trainable,
-            "total_params": total,
-            "conventional_trainable_params": self.tying.untied_parameter_count(),
-            "mean_independent_layers": self.stats["independent_sum"] / steps,
-            "final_independent_layers": self.tying.num_independent(),
-            "final_state": list(self.tying.state),
-            "decisions": len(self.controller.history),
-            "tokens_per_second": self._tokens_per_second(),
-            "model_flops_per_token": self.flops_per_token,
-            "mfu": self._mfu(),
-            "peak_flops": self.peak_flops,
-            "train_time_s": self.stats["train_time"],
-            "setup_s": self.setup_s,
-            "data_setup_s": self.data_setup_s,
-            "peak_memory_bytes": most["peak_bytes"],
-            "avg_memory_bytes": most["avg_bytes"],
-            "peak_reserved_bytes": most["peak_reserved_bytes"],
-            "peak_sampled_bytes": most["peak_sampled_bytes"],
-            "memory_source": memory["source"],
-            "peak_resets_folded": memory.get("resets_folded", 0),
-            "optimizer_state_bytes": self.engine.optimizer_state_bytes(),
-            "regroups": int(self.stats["regroups"]),
-            "regroup_seconds_mean": (self.stats["regroup_time"] / self.stats["regroups"]
-                                     if self.stats["regroups"] else None),
-            "step_seconds_mean": self.stats["step_time"] / steps,
-            "regroup_over_step": self._regroup_over_step(),
-            "rank_param_checksums": self.sync.gather(param_checksum(unique_parameters(self.model))),
-            "steps": self.step,
-            "engine": "deepspeed" if self.cfg.uses_deepspeed else "torch",
-            "precision": self.cfg.precision,
-            **self.speed,
-            "tie_policy": self.cfg.tie_policy,
-            "tie_mode": self.cfg.tie_mode,
-            "reward": self.cfg.reward,
-            "n_layer": self.cfg.n_layer,
-            "world_size": self.world_size,
-        }
 
 
 def _shown(metrics: dict | None) -> dict:

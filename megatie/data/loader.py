@@ -91,20 +91,20 @@ class TokenBatchLoader:
                 f"fewer than micro batch {micro_batch} x world size {world_size}; "
                 "use more text, a shorter --seq-len or a smaller batch")
         self.consumed_samples = 0
-        self._perm_epoch, self._perm = -1, None
+        self._cached = (-1, None)  # (epoch, this rank's slice): one tuple, replaced whole (a prefetch thread reads it)
 
     @property
     def epoch(self) -> int:
         return self.consumed_samples // self.samples_per_epoch
 
     def _slice(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.split.num_sequences)
-            n = self.samples_per_epoch
-            self._perm = perm[self.rank * n:(self.rank + 1) * n]
-            self._perm_epoch = epoch
-        return self._perm
+        cached_epoch, cached = self._cached
+        if cached_epoch == epoch:
+            return cached
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.split.num_sequences)
+        n = self.samples_per_epoch
+        self._cached = (epoch, perm[self.rank * n:(self.rank + 1) * n])
+        return self._cached[1]
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's sequence indices for ``epoch``, in order (for tests and inspection)."""
@@ -114,10 +114,15 @@ class TokenBatchLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        epoch, pos = divmod(self.consumed_samples, self.samples_per_epoch)
-        idx = self._slice(epoch)[pos:pos + self.micro_batch]
+        batch = self.batch_at(self.consumed_samples)
         self.consumed_samples += self.micro_batch
-        return self.split.batch(idx)
+        return batch
+
+    def batch_at(self, consumed_samples: int) -> torch.Tensor:
+        """The micro-batch served after ``consumed_samples``, without moving the position (what a
+        prefetch reads ahead; the position, and so a checkpoint, only counts batches taken)."""
+        epoch, pos = divmod(consumed_samples, self.samples_per_epoch)
+        return self.split.batch(self._slice(epoch)[pos:pos + self.micro_batch])
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "epoch": self.epoch,

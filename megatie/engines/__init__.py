@@ -1,6 +1,6 @@
 """Optimisation engines: what turns a model, its tie groups and a batch into a training step.
 
-Two peers with one interface - ``train_step(micro_batches) -> loss``, ``regroup(plan) -> record``,
+Two peers with one interface - ``train_step(micro_batches) -> loss`` (a 0-dim tensor on the device, read when the caller chooses), ``regroup(plan) -> record``,
 ``lr``, ``optimizer_state_bytes()``, ``state_dict`` / ``load_state_dict``, ``save_checkpoint``:
 
 - ``TorchEngine``: one process, plain torch AdamW; the reference every other engine is tested against;

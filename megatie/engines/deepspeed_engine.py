@@ -165,8 +165,9 @@ class DeepSpeedEngine:
             self.optimizer.loss_scaler.__dict__.update(saved["loss_scaler"])
 
     # ------------------------------------------------------------------ the engine interface
-    def train_step(self, micro_batches: list[dict]) -> float:
-        """One optimizer step over ``micro_batches``, each the model's inputs (labels included)."""
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over ``micro_batches``, each the model's inputs (labels included). Returns the
+        mean loss as a 0-dim tensor on the device, unread: the caller decides when to wait for it."""
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64, device=self.comm_device)
         for inputs in micro_batches:
@@ -180,7 +181,7 @@ class DeepSpeedEngine:
         if self.world_size > 1:  # every rank reports the global mean (equal token counts per rank)
             tdist.all_reduce(total)
             total /= self.world_size
-        return float(total)
+        return total
 
     def regroup(self, plan) -> dict:
         """Follow ``plan`` (a ``RegroupPlan``); returns what the run records about it ({} if nothing changed)."""

@@ -23,8 +23,9 @@ class TorchEngine:
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.regroups = 0
 
-    def train_step(self, micro_batches: list[dict]) -> float:
-        """One optimizer step over ``micro_batches``, each the model's inputs (labels included)."""
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over ``micro_batches``, each the model's inputs (labels included). Returns the
+        mean loss as a 0-dim tensor on the device, unread: the caller decides when to wait for it."""
         self.model.train()
         total = torch.zeros((), device=self.device)
         for inputs in micro_batches:
@@ -39,7 +40,7 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        return total
 
     def regroup(self, plan) -> dict:
         """Survivors keep their state, untied tensors take a copy of their source's; the copies become
