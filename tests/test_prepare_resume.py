@@ -133,6 +133,17 @@ def test_a_training_run_waits_for_another_preparer_and_takes_over_if_it_stops(te
     assert not waiter.is_alive() and (result["out"] / "meta.json").exists()
 
 
+def test_a_waiter_that_gets_the_lock_after_the_seal_uses_the_result(text, tmp_path):
+    """The preparer it waited for sealed between the waiter's last look and its lock: the waiter must take
+    the prepared directory, not prepare again into a fresh stage (which then cannot replace it)."""
+    out = _prepare(text, tmp_path / "D", tmp_path / "c")
+    before = _digests(out)
+    stage = tmp_path / ".D.partial"
+    assert shards_mod._lock_stage(stage, out, wait=True) is None
+    assert not stage.exists() and _digests(out) == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or "lock" in p.name.lower()) == []
+
+
 def _launch(*args, **popen):
     env = dict(os.environ, USE_TORCH="0")
     return subprocess.Popen([sys.executable, str(LAUNCHER), "--no-progress", "--vocab-size", "512", *map(str, args)],

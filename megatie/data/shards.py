@@ -225,7 +225,13 @@ def _lock_stage(stage: Path, out_dir: Path, wait: bool) -> RunLock | None:
     while True:
         stage.mkdir(exist_ok=True)
         try:
-            return RunLock(str(stage)).acquire()
+            lock = RunLock(str(stage)).acquire()
+            if read_meta(out_dir) is None:
+                return lock
+            # Sealed by the process we waited for between our last look and our lock: use its result.
+            lock.release()
+            shutil.rmtree(stage, ignore_errors=True)
+            return None
         except RunLockedError:
             if not wait:
                 raise DataError(f"another process is preparing {out_dir} (its lock: {stage / LOCK_NAME}); wait "
@@ -327,12 +333,13 @@ def _tokenize_one(name, stream, tok, dtype, stage, journal, pool, workers, shard
 
 
 def _seal(stage: Path, out_dir: Path, meta: dict) -> None:
-    """meta.json last, then one rename: a directory that looks prepared is complete."""
+    """meta.json last, then one rename with the lock still inside: a directory that looks prepared is
+    complete, and a process waiting for the lock can only get it once the prepared directory exists."""
     tmp = stage / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
     os.replace(tmp, stage / "meta.json")
-    (stage / JOURNAL).unlink()
-    (stage / LOCK_NAME).unlink()
     if out_dir.exists():
         out_dir.rmdir()        # empty (checked above); rename cannot replace it portably
     os.rename(stage, out_dir)
+    (out_dir / JOURNAL).unlink()
+    (out_dir / LOCK_NAME).unlink()
