@@ -41,6 +41,8 @@ def run_jobs(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
 
     def one(job):
         label, cmd, d = job
+        if os.path.isfile(os.path.join(d, "summary.json")):  # finished meanwhile (by an earlier command)
+            return
         os.makedirs(os.path.dirname(d), exist_ok=True)
         t0 = time.time()
         with open(d + ".log", "w", encoding="utf-8") as log:

@@ -60,24 +60,26 @@ def gram_of(vectors) -> torch.Tensor:
     return g @ g.T
 
 
-def test_split_takes_the_most_conflicted_group_and_halves_it_by_gradient():
+def test_split_takes_the_most_conflicted_group_and_moves_who_disagrees():
     policy = SplitPolicy(6, max_roots=3)
-    # Blocks 0-2 agree; 3-5 pull another way.
+    # Blocks 0-2 agree; 3-5 pull another way, 4 and 5 together.
     policy.gram = gram_of([[1, 0], [1, 0.1], [1, -0.1], [0.2, 1], [-0.1, 1], [0, 1]])
     first = policy.propose([0] * 6, 0)
     assert first.state == [0, 0, 0, 3, 3, 3] and first.info["split_moved"] == [3, 4, 5]
     policy.gram = gram_of([[1, 0], [1, 0.1], [1, -0.1], [1, 0], [0, 1], [0.1, 1]])
     second = policy.propose(first.state, 1)
-    assert second.state == [0, 0, 0, 3, 4, 3]  # group {3, 4, 5} disagreed most; 4 leaves it (an odd one stays)
+    assert second.state == [0, 0, 0, 3, 4, 4]  # group {3, 4, 5} disagreed most; 4 and 5 leave together
     third = policy.propose(second.state, 2)
     assert third.state == second.state  # three roots: the budget is spent
 
 
-def test_a_split_is_even_whoever_disagrees():
-    """One dissenting block still takes half the group with it: the closest to it among the rest."""
+def test_the_gradients_decide_the_sizes_of_the_halves():
+    """One dissenting block leaves alone when the rest agree with the root; those closer to it follow it."""
     policy = SplitPolicy(8, max_roots=2)
-    policy.gram = gram_of([[1, 0]] * 3 + [[1, 0.3], [1, 0.5], [1, 0.2], [1, 0.4], [0, 1]])
-    assert policy.propose([0] * 8, 0).state == [0, 0, 0, 3, 3, 0, 3, 3]
+    policy.gram = gram_of([[1, 0]] * 7 + [[0, 1]])
+    assert policy.propose([0] * 8, 0).state == [0] * 7 + [7]
+    policy.gram = gram_of([[1, 0]] * 3 + [[1, 0.3], [0.5, 1], [1, 0.2], [0.4, 1], [0, 1]])
+    assert policy.propose([0] * 8, 0).state == [0, 0, 0, 0, 4, 0, 4, 4]
 
 
 def test_split_only_splits_and_never_exceeds_its_budget():
