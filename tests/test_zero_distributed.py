@@ -81,16 +81,24 @@ def _spawn(args: list[str], out: str, timeout: int = 300, **extra) -> list[dict]
 
 
 class _MergedLoader:
-    """What 2 ranks see in one step, as one batch: rank 0's micro-batch, then rank 1's."""
+    """What 2 ranks see in one step, as one batch: rank 0's micro-batch, then rank 1's. The loader
+    interface the trainer reads ahead through: a position (each rank's consumed samples, equal on all
+    ranks) and the batch at a position."""
 
     def __init__(self, data, micro, seed):
         self.loaders = [data.train_loader(micro, seed, r, WORLD) for r in range(WORLD)]
+        self.micro_batch, self.consumed_samples = micro, 0
+
+    def batch_at(self, consumed_samples):
+        return torch.cat([loader.batch_at(consumed_samples) for loader in self.loaders])
 
     def __next__(self):
-        return torch.cat([next(loader) for loader in self.loaders])
+        batch = self.batch_at(self.consumed_samples)
+        self.consumed_samples += self.micro_batch
+        return batch
 
     def state_dict(self):
-        return self.loaders[0].state_dict()
+        return {**self.loaders[0].state_dict(), "consumed_samples": self.consumed_samples}
 
 
 def _reference_losses(out, reference, micro=2, steps=104):
