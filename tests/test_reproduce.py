@@ -142,3 +142,57 @@ def test_validation_curves_mark_each_rows_best(tmp_path):
     assert os.path.getsize(path) > 5000
     with pytest.raises(Exception):
         plots.plot_validation_curves({"q": str(make_run(tmp_path / "no-evals"))}, str(tmp_path / "none.png"))
+
+
+def test_corpora_report_chooses_the_default_by_its_worst_corpus_and_keeps_one_aside(tmp_path, capsys):
+    """Row A is better on average, B on its worst corpus: B is the default. A corpus kept aside (where B
+    is terrible) is reported but never chosen on; a row over the budget is never chosen."""
+    rep = load_reproduce()
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} of a small real-looking text\n" for i in range(200)))
+    specs = [f"one={text}", f"two={text}", f"aside={text}"]
+    opts, rows = rep.parse(["--corpora", *specs, "--kept-aside", "aside", "--rows", "conventional,alternate,cycle",
+                            "--seeds", "1,2", "--out-dir", str(tmp_path / "out"), "--report-only"])
+    # (corpus, row) -> PPL, with conventional at 100 everywhere; alternate = "A", cycle = "B" but over budget
+    ppl = {("one", "alternate"): 100, ("two", "alternate"): 110, ("aside", "alternate"): 103,
+           ("one", "cycle"): 106, ("two", "cycle"): 107, ("aside", "cycle"): 400}
+    for corpus in ("one", "two", "aside"):
+        for seed in (1, 2):
+            for row, params in (("conventional", 3e6), ("alternate", 0.9e6), ("cycle", 0.9e6)):
+                d = rep.run_dir(str(tmp_path / "out" / corpus), "short", seed, row)
+                os.makedirs(d)
+                summary = fake_summary(row, ppl.get((corpus, row), 100), params, 2)
+                summary.update(conventional_trainable_params=3e6, final_state=[0, 1])
+                with open(os.path.join(d, "summary.json"), "w") as f:
+                    json.dump(summary, f)
+    assert rep.main(["--corpora", *specs, "--kept-aside", "aside", "--rows", "conventional,alternate,cycle",
+                     "--seeds", "1,2", "--out-dir", str(tmp_path / "out"), "--report-only"]) == 0
+    data = json.load(open(tmp_path / "out" / "corpora_short.json"))
+    assert data["default"] == "cycle" and data["worst_ratio"] == pytest.approx({"alternate": 1.10, "cycle": 1.07})
+    assert data["tables"]["aside"]["cycle"]["ppl_ratio"] == pytest.approx(4.0) and data["corpora"]["aside"]["kept_aside"]
+    assert os.path.getsize(tmp_path / "out" / "pareto_short.png") > 1000
+    assert (tmp_path / "out" / "corpora" / "one" / "valid.txt").read_text().startswith("line 180")
+    # over the budget: cycle at 0.5x no longer qualifies, and alternate becomes the default
+    for corpus in ("one", "two"):
+        for seed in (1, 2):
+            path = os.path.join(rep.run_dir(str(tmp_path / "out" / corpus), "short", seed, "cycle"), "summary.json")
+            summary = json.load(open(path))
+            summary["mean_trainable_params"] = 1.5e6
+            json.dump(summary, open(path, "w"))
+    rep.main(["--corpora", *specs, "--kept-aside", "aside", "--rows", "conventional,alternate,cycle", "--seeds", "1,2",
+              "--out-dir", str(tmp_path / "out"), "--report-only"])
+    assert json.load(open(tmp_path / "out" / "corpora_short.json"))["default"] == "alternate"
+
+
+def test_bad_corpus_specs_end_in_one_line(tmp_path):
+    corpora = importlib.util.spec_from_file_location("corpora", os.path.join(ROOT, "benchmarks", "corpora.py"))
+    module = importlib.util.module_from_spec(corpora)
+    corpora.loader.exec_module(module)
+    for spec, message in (("nosuch", "unknown corpus"), (f"x={tmp_path}/missing.txt", "no such file"),
+                          ("bad name=x", "corpus name")):
+        with pytest.raises(SystemExit, match=message):
+            module.prepare(spec, str(tmp_path))
+    short = tmp_path / "short.txt"
+    short.write_text("only\nfive\nlines\nof\ntext\n")
+    with pytest.raises(SystemExit, match="at least 20 non-empty lines"):
+        module.prepare(f"s={short}", str(tmp_path))
