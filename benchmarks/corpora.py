@@ -61,12 +61,12 @@ def _vim_lines() -> tuple[list[str], str]:
     paths = _first_match(["/usr/share/vim/vim*/doc/usr_[0-9]*.txt"], "vim-manual")
     # Vim's help tags (*name*, |link|) are markup, not prose: keep the words, drop the bars/stars.
     lines = [re.sub(r"[*|]([^\s*|]+)[*|]", r"\1", line) for line in _file_lines(paths)]
-    return lines, f"Vim user manual, {len(paths)} files under {os.path.dirname(paths[0])}"
+    return lines, f"Vim user manual ({len(paths)} usr_*.txt files of {os.path.basename(os.path.dirname(os.path.dirname(paths[0])))})"
 
 
 def _perldiag_lines() -> tuple[list[str], str]:
     paths = _first_match(["/usr/share/perl/*/pod/perldiag.pod", "/usr/lib/perl5/*/pod/perldiag.pod"], "perldiag")
-    return _file_lines(paths[:1]), paths[0]
+    return _file_lines(paths[:1]), f"perldiag.pod of Perl {os.path.basename(os.path.dirname(os.path.dirname(paths[0])))}"
 
 
 BUILTIN = {"pydoc": _pydoc_lines, "vim-manual": _vim_lines, "perldiag": _perldiag_lines}
@@ -102,8 +102,9 @@ def prepare(spec: str, out_dir: str) -> Corpus:
             if not os.path.isfile(path):
                 raise SystemExit(f"error: corpus {name!r}: no such file {path!r}")
         if valid:
-            return Corpus(name, os.path.abspath(train), os.path.abspath(valid), f"{train} / {valid}")
-        lines, source = _file_lines([train]), train
+            return Corpus(name, os.path.abspath(train), os.path.abspath(valid),
+                          f"{os.path.basename(train)} / {os.path.basename(valid)}")  # no machine paths in reports
+        lines, source = _file_lines([train]), os.path.basename(train)
     elif name in BUILTIN:
         lines, source = BUILTIN[name]()
     else:
