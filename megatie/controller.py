@@ -87,7 +87,9 @@ class TieController:
             # Measured before this decision's copies: k steps of training under the previous choice.
             loss_before = self._measure()
         if getattr(self.policy, "needs_gradients", False):
-            self.policy.gram = self._mean_gram()
+            # One probe forward/backward, only while the policy can still act on it (collective: every
+            # rank decides alike, from the same state).
+            self.policy.gram = self._mean_gram() if self.policy.can_split(state) else None
         if self.sync.is_main:
             if learns and self.reward_delay and self._pending is not None:
                 prev_state, prev_action, prev_next, prev_index, prev_loss = self._pending

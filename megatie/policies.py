@@ -275,10 +275,14 @@ class SplitPolicy(TyingPolicy):
     def initial_state(self):
         return all_tied_state(self.num_blocks)
 
+    def can_split(self, state) -> bool:
+        """Whether the budget and the structure leave a split to make (no gradients needed otherwise)."""
+        return num_independent(state) < self.max_roots and any(len(m) > 1 for m in groups(state).values())
+
     def propose(self, state, index):
-        candidates = [m for m in groups(state).values() if len(m) > 1]
-        if num_independent(state) >= self.max_roots or not candidates or self.gram is None:
+        if not self.can_split(state) or self.gram is None:
             return Proposal(action_for_state(state), list(state))
+        candidates = [m for m in groups(state).values() if len(m) > 1]
         members = max(candidates, key=lambda m: group_conflict(self.gram, m))
         root = members[0]
         seed = min(members[1:], key=lambda j: cosine(self.gram, j, root))

@@ -127,11 +127,14 @@ def test_a_split_run_respects_its_budget_and_resumes_exactly(tmp_path, cache_dir
     """Whole run: every decision within the budget; a run stopped at 12 and resumed ends with the same
     weights and the same structure as one that never stopped."""
     whole = Trainer(base(tmp_path / "whole", cache_dir, param_budget=0.6))
+    probes, gram = [], whole.controller.gradient_gram
+    whole.controller.gradient_gram = lambda: probes.append(whole.step) or gram()
     summary = whole.train()
     budget = 0.6 * summary["conventional_trainable_params"]
     decisions = [d for d in whole.controller.history]
     assert decisions and all(d["trainable_params"] <= budget for d in decisions)
-    assert summary["final_independent_layers"] > 1  # it did split
+    # every probe led to a split, and none was paid once the budget was spent
+    assert 1 < summary["final_independent_layers"] == len(probes) + 1 < len(decisions) + 1
     Trainer(base(tmp_path / "parts", cache_dir, param_budget=0.6)).train(until=12)
     resumed = Trainer(base(tmp_path / "parts", cache_dir, param_budget=0.6, resume="auto"))
     again = resumed.train()
