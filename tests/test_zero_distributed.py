@@ -1,6 +1,7 @@
 """DeepSpeed engine on 2 CPU ranks (gloo): the same loss trajectory as the torch reference that
 sees the same global batch, ranks agree on the weights, one gradient hook per tensor, resume; one
-decision for every rank whatever each measures or draws; a disagreement is one clear error.
+decision for every rank whatever each measures or draws (``split``: from the ranks' mean gradient Gram
+matrix); a disagreement is one clear error.
 
 Each rank is a separate process started the way DeepSpeed's launcher starts it (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT) on DeepSpeed's CPU accelerator - also where GPUs exist, so
@@ -192,6 +193,28 @@ def test_ranks_follow_one_decision_despite_own_seed_and_reward(tmp_path):
     assert len(checksums) == WORLD and len(set(checksums)) == 1
     regrouped = [d for d in d0 if "regroup_seconds" in d]
     assert regrouped and all(d["regroup_transient_bytes"] <= 0.6 * d["optimizer_state_bytes"] for d in regrouped)
+
+
+def test_two_ranks_split_by_the_mean_of_their_gradients(tmp_path):
+    """``split`` on ZeRO-2: each rank probes its own batch; every split is the one the ranks' mean Gram
+    matrix calls for (not rank 0's own), every rank applies it, and the budget holds throughout."""
+    out = str(tmp_path / "run")
+    args = _qlearning_args(out)
+    args[args.index("qlearning")] = "split"
+    r0, r1 = _spawn(args + ["--param-budget", "0.6"], str(tmp_path / "res"))
+    from megatie.gradient_probe import group_conflict
+
+    splits = [d for d in r0["decisions"] if "split_group" in d]
+    assert len(splits) >= 2 and len(r0["own_grams"]) == len(r1["own_grams"]) == len(splits)
+    for d, g0, g1 in zip(splits, r0["own_grams"], r1["own_grams"]):
+        mean = (torch.tensor(g0, dtype=torch.float64) + torch.tensor(g1, dtype=torch.float64)) / 2
+        assert d["split_conflict"] == pytest.approx(group_conflict(mean, d["split_group"]), rel=1e-9)
+        own = group_conflict(torch.tensor(g0, dtype=torch.float64), d["split_group"])
+        assert d["split_conflict"] != pytest.approx(own, rel=1e-6)  # rank 0's batch alone decides otherwise
+    assert [d["state"] for d in r0["decisions"]] == [d["state"] for d in r1["decisions"]]
+    assert r0["hash"] == r1["hash"]
+    budget = 0.6 * r0["summary"]["conventional_trainable_params"]
+    assert all(d["trainable_params"] <= budget for d in r0["decisions"])
 
 
 def _errors_of_every_rank(tmp_path, *extra, **fault) -> list[str]:

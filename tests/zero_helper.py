@@ -3,7 +3,8 @@
 As a script it is one rank of a DeepSpeed run (started by ``deepspeed --num_gpus N`` or by the
 test with RANK/WORLD_SIZE set): it takes the launcher's flags, trains, and writes
 ``$MEGATIE_TEST_OUT/rank<R>.json`` with the per-step losses, a hash of the final weights, the
-gradient-hook count of every trainable tensor and the decision records. A run that ends with a
+gradient-hook count of every trainable tensor, the decision records and the gradient Gram matrices
+this rank measured itself (before the ranks average them). A run that ends with a
 user-facing error prints one ``error:`` line and exits with status 2, as the launcher does.
 
 ``MEGATIE_TEST_WAVE_MESSAGES`` caps the messages of one point-to-point wave of a regroup.
@@ -82,6 +83,20 @@ def record_losses(trainer) -> list[float]:
 
     trainer.engine.train_step = wrapped
     return losses
+
+
+def record_own_grams(trainer) -> list[list[list[float]]]:
+    """The per-block gradient Gram matrix of each probe this rank makes, as it measured it."""
+    grams: list = []
+    probe = trainer.controller.gradient_gram
+
+    def recorded():
+        gram = probe()
+        grams.append(gram.tolist())
+        return gram
+
+    trainer.controller.gradient_gram = recorded
+    return grams
 
 
 def _inject_rank1_faults(trainer) -> None:
@@ -182,10 +197,12 @@ def _train_and_record(cfg, sync) -> None:
     if sync.rank == 1:
         _inject_rank1_faults(trainer)
     losses = record_losses(trainer)
+    own_grams = record_own_grams(trainer)
     summary = trainer.train()
     result = {"rank": sync.rank, "world_size": sync.world_size, "losses": losses,
               "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
-              "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "summary": summary}
+              "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "own_grams": own_grams,
+              "summary": summary}
     out = os.environ.get("MEGATIE_TEST_OUT", cfg.out_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"rank{sync.rank}.json"), "w") as f:
