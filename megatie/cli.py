@@ -104,7 +104,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="grow: contiguous chunks (1, 2, ..., final groups) or block i -> i mod g "
                           "(g along a divisor chain such as 1, 2, 4, 12)")
     tie.add_argument("--param-budget", type=float,
-                     help="split: trainable parameters never above this fraction of conventional's (default 1/3)")
+                     help="split: trainable parameters never above this fraction of conventional's (default: 1/3, "
+                          "and at least two independent blocks where a third cannot pay for them)")
     data = p.add_argument_group("data")
     data.add_argument("--train-file", dest="train_files", action="append", default=[],
                       help="text file or glob (.txt, .jsonl, .gz); repeatable")

@@ -101,7 +101,8 @@ class TrainConfig:
     grow_start: float = 0.5
     grow_final: int | None = None
     grow_layout: str = "contiguous"
-    # split: the most trainable parameters it may reach, as a fraction of conventional's (default 1/3)
+    # split: the most trainable parameters it may reach, as a fraction of conventional's. Unset: a third,
+    # and never fewer than two independent blocks (see megatie.policies.roots_within_budget).
     param_budget: float | None = None
     # data
     train_files: list[str] = field(default_factory=list)
@@ -158,8 +159,6 @@ class TrainConfig:
             cfg.checkpoint_every = cfg.eval_every
         if cfg.reward_batch_size is None:
             cfg.reward_batch_size = cfg.batch_size
-        if cfg.param_budget is None and cfg.tie_policy == "split":
-            cfg.param_budget = 1 / 3
         if cfg.deepspeed is not None or cfg.deepspeed_config is not None:
             from megatie.engines.ds_config import load_ds_config, precision_of
 

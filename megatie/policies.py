@@ -294,12 +294,24 @@ class SplitPolicy(TyingPolicy):
                                                           "split_conflict": group_conflict(self.gram, members)})
 
 
-def roots_within_budget(budget: float, conventional: int, per_block: int, num_blocks: int) -> int:
+DEFAULT_PARAM_BUDGET = 1 / 3
+DEFAULT_MIN_ROOTS = 2
+
+
+def roots_within_budget(budget: float | None, conventional: int, per_block: int, num_blocks: int) -> int:
     """How many independent blocks keep the trainable parameters within ``budget`` x conventional's: the
-    parameters outside the blocks (embeddings, final norm) always train; each root adds one block's."""
+    parameters outside the blocks (embeddings, final norm) always train; each root adds one block's.
+
+    ``None`` is the default: a third, but never fewer than two roots. Where the embeddings alone take a
+    third (GPT-2's 50k-token vocabulary on 12 blocks of 768, or a tiny model with 8192 tokens), a third
+    buys no block at all; two roots is what a fixed two-block cycle (``alternate``) spends. A budget the
+    user sets is kept exactly, and one that cannot pay for a block is refused."""
+    outside = conventional - num_blocks * per_block
+    if budget is None:
+        affordable = int((DEFAULT_PARAM_BUDGET * conventional - outside) // per_block)
+        return min(num_blocks, max(DEFAULT_MIN_ROOTS, affordable))
     if not 0 < budget <= 1:
         raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {budget}")
-    outside = conventional - num_blocks * per_block
     roots = min(num_blocks, int((budget * conventional - outside) // per_block))
     if roots < 1:
         raise ConfigError(f"--param-budget {budget} cannot pay for one block: the layers outside the blocks "

@@ -28,6 +28,8 @@ def run_summary(trainer, memory: dict, final_val: dict) -> dict:
         "conventional_trainable_params": trainer.tying.untied_parameter_count(),
         "mean_independent_layers": trainer.stats["independent_sum"] / steps,
         "final_independent_layers": trainer.tying.num_independent(),
+        # split: the independent blocks its parameter budget allows (None for the other policies)
+        "budget_independent_layers": getattr(trainer.policy, "max_roots", None),
         "final_state": list(trainer.tying.state),
         "decisions": len(trainer.controller.history),
         "tokens_per_second": trainer.tokens_per_second(),

@@ -161,7 +161,7 @@ class Trainer:
         return block_gradient_gram(self.model, self.tying, inputs)
 
     def _roots_within_budget(self) -> int | None:
-        if self.cfg.param_budget is None:
+        if self.cfg.tie_policy != "split":
             return None
         per_block = sum(t.numel() for t in self.tying.block_tensors(0))
         return roots_within_budget(self.cfg.param_budget, self.tying.untied_parameter_count(), per_block,

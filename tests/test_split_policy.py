@@ -107,6 +107,18 @@ def test_budget_counts_the_layers_outside_the_blocks():
         roots_within_budget(1.5, 2_920_192, 198_016, 12)
 
 
+def test_the_default_budget_is_a_third_but_never_fewer_than_two_blocks():
+    assert roots_within_budget(None, 2_920_192, 198_016, 12) == 2  # tiny: a third pays for 2
+    # gpt2-medium, 8192 tokens: a third pays for 7 blocks of 12.6M, and the default spends them all
+    assert roots_within_budget(None, 310_962_176, 12_596_224, 24) == roots_within_budget(1 / 3, 310_962_176,
+                                                                                      12_596_224, 24) == 7
+    # gpt2, GPT-2's 50304 (padded) tokens: the embeddings alone are 0.31 of conventional
+    with pytest.raises(ConfigError, match="cannot pay for one block"):
+        roots_within_budget(1 / 3, 123_886_080, 7_087_872, 12)
+    assert roots_within_budget(None, 123_886_080, 7_087_872, 12) == 2
+    assert roots_within_budget(None, 1_000, 100, 1) == 1  # never more roots than blocks
+
+
 def base(out_dir, cache_dir, **overrides):
     values = dict(out_dir=str(out_dir), cache_dir=cache_dir, n_layer=6, n_embd=32, n_head=2, seq_len=16,
                   batch_size=2, vocab_size=512, max_steps=24, tie_every=4, eval_every=24, eval_batches=1,
@@ -120,7 +132,7 @@ def test_bad_budget_settings_are_refused(tmp_path, cache_dir):
         base(tmp_path, cache_dir, tie_policy="alternate", param_budget=0.3).resolved()
     with pytest.raises(ConfigError, match="needs --tie-mode shared"):
         base(tmp_path, cache_dir, tie_mode="frozen-replica").resolved()
-    assert base(tmp_path, cache_dir).resolved().param_budget == pytest.approx(1 / 3)
+    assert base(tmp_path, cache_dir).resolved().param_budget is None  # the default, recorded as such
 
 
 def test_a_split_run_respects_its_budget_and_resumes_exactly(tmp_path, cache_dir):
