@@ -1,4 +1,4 @@
-"""Train GPT-2 from scratch with layer tying (default policy: `alternate`, block i shares block i mod 2).
+"""Train GPT-2 from scratch with layer tying (default policy: `split`, which unties where gradients disagree).
 
     python launchers/train_gpt2.py                       # tiny preset, embedded corpus, CPU
     python launchers/train_gpt2.py --train-file my.txt --tie-policy qlearning   # the paper's agent

@@ -38,10 +38,9 @@ POLICIES: dict[str, str] = {
     "cycle": "(vii) block L/2+i tied to block i",
     "cycle-rev": "(viii) block i >= L/2 tied to block L-1-i",
     "sequence": "(ix) block 2m+1 tied to block 2m",
-    "alternate": "block i tied to block i mod 2 (two independent blocks); the default: the measured "
-                 "recommendation for a budget of 1/3 of conventional's trainable parameters",
-    "split": "adapts to the data: all blocks share block 0, then, while --param-budget allows, the group whose "
-             "members' gradients disagree most is split in two at each decision",
+    "alternate": "block i tied to block i mod 2 (two independent blocks)",
+    "split": "the default; adapts to the data: all blocks share block 0, then, while --param-budget allows, "
+             "the group whose members' gradients disagree most is split in two at each decision",
     "grow": "all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
             "in equal stages after --grow-start of training (no learning)",
 }
