@@ -11,6 +11,7 @@ second; everything that can be checked without them is checked before they load.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import traceback
@@ -224,6 +225,20 @@ def check_out_dir(path: str) -> None:
         raise ConfigError(f"--out-dir {path} is not writable; choose another path")
 
 
+def check_not_a_run_to_overwrite(cfg: TrainConfig) -> None:
+    """Training from scratch into a directory that holds a finished run or checkpoints would overwrite
+    them: such a run is continued (--resume) or left alone. A directory whose run died before its first
+    checkpoint holds nothing to lose and is trained into again."""
+    if cfg.resume:
+        return
+    finished = os.path.isfile(os.path.join(cfg.out_dir, "summary.json"))
+    held = glob.glob(os.path.join(glob.escape(cfg.out_dir), "checkpoints", "step_*", "meta.json"))
+    if finished or held:
+        what = "a finished run" if finished else f"a run with {len(held)} checkpoint(s)"
+        raise ConfigError(f"--out-dir {cfg.out_dir} already holds {what}; continue it with --resume auto, or "
+                          "choose another --out-dir (nothing there was changed)")
+
+
 def check_inputs(cfg: TrainConfig) -> None:
     """Paths the run will read: missing ones fail here, before the heavy imports."""
     from megatie.data.sources import resolve_files  # plain Python
@@ -300,6 +315,7 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
     # that a second run is refused at once.
     lock = RunLock(resolved.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
+        check_not_a_run_to_overwrite(resolved)
         if resolved.uses_deepspeed:
             check_precision(resolved)
         summary = _train(resume_config(cfg, given_flags(argv)) if cfg.resume else cfg)
