@@ -29,9 +29,12 @@ def test_tiny_preset_end_to_end(tmp_path, cache_dir):
     r = launch("--out-dir", str(out), "--max-steps", "30", cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    # The default policy is the measured recommendation: block i shares block i mod 2, no decisions.
-    assert summary["steps"] == 30 and summary["n_layer"] == 12 and summary["decisions"] == 0
-    assert summary["final_state"] == [i % 2 for i in range(12)] and summary["final_independent_layers"] == 2
+    # The default policy, split: all blocks start tied; within a third of conventional's parameters
+    # (two independent blocks at this size), it splits where gradients disagree.
+    assert summary["steps"] == 30 and summary["n_layer"] == 12 and summary["decisions"] >= 1
+    assert summary["budget_independent_layers"] == summary["final_independent_layers"] == 2
+    assert summary["final_state"][0] == 0 and len(set(summary["final_state"])) == 2
+    assert summary["mean_trainable_params"] <= summary["conventional_trainable_params"] / 3
     assert "final_val_ppl=" in r.stdout
 
 
