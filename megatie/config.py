@@ -227,7 +227,8 @@ class TrainConfig:
         if self.param_budget is not None and not 0 < self.param_budget <= 1:
             raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {self.param_budget}")
         if self.tie_policy == "split" and self.tie_mode != "shared":
-            raise ConfigError("--tie-policy split measures each block's gradient: it needs --tie-mode shared")
+            raise ConfigError("--tie-policy split (the default) measures each block's gradient: it needs "
+                              "--tie-mode shared; with frozen-replica choose another policy (e.g. alternate)")
         if self.grow_final is not None and not 1 <= self.grow_final <= self.n_layer:
             raise ConfigError(f"--grow-final must be in 1..{self.n_layer}, got {self.grow_final}")
         if self.tie_policy not in ("conventional", "vanilla") and self.n_layer < 2:
