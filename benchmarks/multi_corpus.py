@@ -107,16 +107,17 @@ def _fmt(values, digits=2) -> str:
 def markdown(tables, rows, corpora, kept_aside, budget, default, worst) -> str:
     choosing = [c for c in corpora if c not in kept_aside]
     head = "| row | " + " | ".join(f"{c}{' (kept aside)' if c in kept_aside else ''}" for c in corpora)
-    head += " | mean ratio (choosing) | worst ratio (choosing) |"
-    lines = ["PPL, then PPL / conventional's and mean trainable parameters / conventional's, per corpus.", "",
-             head, "|" + "---|" * (len(corpora) + 3)]
+    head += " | mean ratio (choosing) | worst ratio (choosing) | seeds |"
+    lines = ["PPL (mean ± std over seeds), then PPL / conventional's (paired by seed) and mean trainable "
+             "parameters / conventional's, per corpus.", "", head, "|" + "---|" * (len(corpora) + 4)]
     for row in rows:
-        cells, ratios = [], []
+        cells, ratios, seeds = [], [], []
         for c in corpora:
             cell = tables.get(c, {}).get(row)
             if cell is None:
                 cells.append("-")
                 continue
+            seeds.append(len(cell["seeds"]))
             ratio = "-" if cell["ppl_ratio"] is None else f"{cell['ppl_ratio']:.3f}x"
             cells.append(f"{_fmt(cell['ppl'])} ({ratio}, {cell['param_ratio']:.2f}x params)")
             if c in choosing and cell["ppl_ratio"] is not None:
@@ -124,7 +125,8 @@ def markdown(tables, rows, corpora, kept_aside, budget, default, worst) -> str:
         mean = f"{statistics.fmean(ratios):.3f}x" if len(ratios) == len(choosing) else "-"
         worst_cell = f"{max(ratios):.3f}x" if len(ratios) == len(choosing) else "-"
         name = f"**{row}**" if row == default else row
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {worst_cell} |")
+        counts = "-" if not seeds else str(min(seeds)) if min(seeds) == max(seeds) else f"{min(seeds)}-{max(seeds)}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {worst_cell} | {counts} |")
     verdict = (f"Default by the worst choosing corpus among rows within {budget:.2f}x of conventional's trainable "
                f"parameters: **{default}** (worst ratios: "
                + ", ".join(f"{r} {v:.3f}x" for r, v in sorted(worst.items(), key=lambda kv: kv[1])) + ")."
