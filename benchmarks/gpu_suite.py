@@ -80,6 +80,7 @@ def plan(args) -> list[Step]:
                "--out", target] + (["--activation-checkpointing"] if checkpointing else [])
         return Step(name, estimate, cmd, optional, [target])
 
+    probe = os.path.join(out, "probe_memory.json")
     return [
         Step("environment", 10, [py, "-c", ENVIRONMENT]),
         Step("prepare-data", 10 if cached else 90, [py, "-c", prepare]),
@@ -89,6 +90,9 @@ def plan(args) -> list[Step]:
         memory("memory-bf16-ac", "zero2_bf16.json", True, 150),
         memory("memory-bf16", "zero2_bf16.json", False, 140),
         memory("memory-fp32-ac", "zero2.json", True, 200, optional=True),
+        Step("probe-memory", 60, [py, "benchmarks/probe_memory.py", "--n-layer", str(shape["n_layer"]), "--n-embd",
+                                  str(shape["n_embd"]), "--seq-len", str(shape["seq_len"]), "--batch", "1",
+                                  "--out", probe], optional=True, outputs=[probe]),
     ]
 
 

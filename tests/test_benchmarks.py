@@ -72,3 +72,29 @@ def test_word_order_task_is_balanced_seeded_and_really_shuffled(keep_ends):
         assert (r["text"] in sources) == (r["label"] == 0)
         if r["label"] == 1 and keep_ends:
             assert any(s.split()[0] == words[0] and s.split()[-1] == words[-1] for s in sources)
+
+
+def _can_reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # about 20 s: four probes in two fresh processes
+@pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+def test_probe_memory_benchmark_shows_the_sketch_saving_gradient_memory(tmp_path):
+    """Gradients dominate (one short sequence, 8 blocks of 0.8M): the sketched probe's peak stays well
+    under the exact one's, with cosines a few thousandths apart."""
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "probe_memory.py"), "--n-layer", "8",
+                        "--n-embd", "256", "--seq-len", "16", "--batch", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    exact, sketched = (report["rows"][v]["probe_peak_bytes"] for v in ("exact", "sketched"))
+    grads = report["rows"]["exact"]["all_block_grads_bytes"]
+    assert exact >= 0.8 * grads and sketched < 0.5 * exact, (exact, sketched, grads)
+    assert report["max_cosine_error"] < 0.05

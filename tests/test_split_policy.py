@@ -11,6 +11,7 @@ import torch
 from helpers import VOCAB, tiny_model
 from megatie.config import TrainConfig
 from megatie.errors import ConfigError
+from megatie import gradient_probe
 from megatie.gradient_probe import block_gradient_gram, cosine, group_conflict
 from megatie.policies import SplitPolicy, roots_within_budget
 from megatie.state import groups, num_independent, validate_state
@@ -45,6 +46,42 @@ def test_probe_gives_each_block_the_gradient_an_untied_model_gives_it(kind):
     assert gram[0, 1] != gram[0, 0]  # tied blocks get different gradients: the probe separates them
     assert all(p.grad is None for p in model.parameters())  # the probe leaves the model's gradients alone
     assert tying.state == state and model.training
+
+
+def cosines(gram: torch.Tensor) -> torch.Tensor:
+    norms = gram.diagonal().sqrt()
+    return gram / (norms[:, None] * norms[None, :])
+
+
+def test_a_large_model_is_probed_in_sketches_one_gradient_at_a_time(monkeypatch):
+    """Above the memory limit each block's gradient is folded into a count sketch as autograd makes it,
+    then dropped: the cosines (what split decides by) match the exact probe's, and no two probe
+    gradients are ever alive together."""
+    model = tiny_model("gpt2", n_layer=4)
+    tying = LayerTying(model)
+    tying.initialize([0, 0, 0, 3])
+    ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "labels": ids}
+    exact = block_gradient_gram(model, tying, inputs)
+    seen, alive_at_fold = [], []
+    fold_into = gradient_probe._fold_into
+
+    def spy(*args):
+        fold = fold_into(*args)
+
+        def counted(leaf):
+            alive_at_fold.append(sum(other.grad is not None for other in seen))
+            seen.append(leaf)
+            fold(leaf)
+        return counted
+
+    monkeypatch.setattr(gradient_probe, "_fold_into", spy)
+    per_block = sum(t.numel() for t in tying.block_tensors(0))
+    sketched = block_gradient_gram(model, tying, inputs, exact_limit_bytes=0, sketch_dim=per_block // 2)
+    assert len(seen) == 4 * len(tying.slots) and max(alive_at_fold) == 0
+    assert not torch.equal(sketched, exact)  # it did sketch
+    assert (cosines(sketched) - cosines(exact)).abs().max() < 0.05
+    assert all(p.grad is None for p in model.parameters()) and model.training
 
 
 def test_conflict_is_zero_for_agreeing_members_and_grows_with_disagreement():
