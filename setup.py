@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatie", "megatie.*"]),
-    entry_points={"console_scripts": ["megatie=megatie.command:main"]},
+    entry_points={"console_scripts": ["megatie=megatie.tools.command:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -127,7 +127,7 @@ def compare_encoders(corpus: Path, model_file: str, max_bytes: int = 64 << 20) -
     throughput and the share of lines whose ids are identical (preparation needs all of them)."""
     import sentencepiece as spm
 
-    from megatie.hf_tokenizer import fast_from_sentencepiece
+    from megatie.data.hf_tokenizer import fast_from_sentencepiece
 
     with open(corpus, "rb") as f:
         lines = [ln.strip() for ln in f.read(max_bytes).decode("utf-8", "ignore").splitlines() if ln.strip()]

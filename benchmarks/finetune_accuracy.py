@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the result JSON here")
     args = p.parse_args()
-    from megatie.command import command_main
+    from megatie.tools.command import command_main
 
     rows = word_order_examples(_lines(args.text_file), args.examples, args.seed, args.keep_ends)
     results = {}
@@ -116,7 +116,7 @@ def report(args, results: dict) -> None:
     for name, r in results.items():
         print(f"{name:<12}{r['held_out_accuracy']:>20.3f}{r['independent_blocks']:>20}{r['wall_seconds']:>10.0f}")
     if args.out:
-        from megatie.metrics import write_json_atomic
+        from megatie.runtime.atomic import write_json_atomic
 
         write_json_atomic(args.out, {"task": "word order" + (" (ends kept)" if args.keep_ends else ""), "settings": vars(args),
                                      "majority_baseline": first["majority_baseline"],

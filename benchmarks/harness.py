@@ -114,8 +114,8 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
     """One rank of one variant; rank 0 writes the figures."""
     import torch
 
-    from megatie.cli import build_parser, config_from_args
-    from megatie.distributed import init_deepspeed_distributed, shutdown_distributed
+    from megatie.tools.train_cli import build_parser, config_from_args
+    from megatie.runtime.distributed import init_deepspeed_distributed, shutdown_distributed
     from megatie.trainer import Trainer
 
     sync = init_deepspeed_distributed()

@@ -36,8 +36,8 @@ def measure(args) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from megatie.gradient_probe import block_gradient_gram
-    from megatie.tying import LayerTying
+    from megatie.tying.gradient_probe import block_gradient_gram
+    from megatie.tying.layers import LayerTying
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -282,7 +282,7 @@ def _describe(baseline: dict | None) -> str:
 
 
 def draw_figures(opts, rows: list[str]) -> list[str]:
-    from megatie.plots import make_figures, plot_validation_curves
+    from megatie.metrics.plots import make_figures, plot_validation_curves
 
     paths = []
     seed = opts.seeds[0]

@@ -6,7 +6,7 @@ same token shards and with the same flags, presets, policies, engines and run di
     deepspeed launchers/train_bert.py --deepspeed ds_configs/zero2.json --train-file my.txt
 """
 
-from megatie.cli import exit_process, run_main, train_main
+from megatie.tools.train_cli import exit_process, run_main, train_main
 
 if __name__ == "__main__":
     exit_process(run_main(lambda argv=None: train_main(argv, model="bert")))

@@ -5,7 +5,7 @@
     python launchers/train_gpt2.py --train-file my.txt --tie-policy conventional
 """
 
-from megatie.cli import exit_process, run_main, train_main
+from megatie.tools.train_cli import exit_process, run_main, train_main
 
 if __name__ == "__main__":
     exit_process(run_main(train_main))

@@ -6,7 +6,7 @@ presets, policies, engines and run directory as train_gpt2.py.
     deepspeed launchers/train_llama.py --deepspeed ds_configs/zero2.json --train-file my.txt
 """
 
-from megatie.cli import exit_process, run_main, train_main
+from megatie.tools.train_cli import exit_process, run_main, train_main
 
 if __name__ == "__main__":
     exit_process(run_main(lambda argv=None: train_main(argv, model="llama")))

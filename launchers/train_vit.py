@@ -7,7 +7,7 @@ run directory as train_gpt2.py, with top-1 accuracy.
     deepspeed launchers/train_vit.py --deepspeed ds_configs/zero2.json --image-dir photos/
 """
 
-from megatie.cli import exit_process, run_main, train_main
+from megatie.tools.train_cli import exit_process, run_main, train_main
 
 if __name__ == "__main__":
     exit_process(run_main(lambda argv=None: train_main(argv, model="vit")))

@@ -5,7 +5,7 @@ imported on first use, so ``import megatie`` stays cheap for tools such as data 
 """
 
 from megatie.errors import CheckpointError, ConfigError, DataError, MegatieError
-from megatie.state import (
+from megatie.tying.tie_map import (
     Transition,
     groups,
     identity_state,
@@ -21,14 +21,14 @@ from megatie.state import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LayerTying": "megatie.tying",
-    "find_blocks": "megatie.tying",
-    "count_parameters": "megatie.tying",
-    "QLearningAgent": "megatie.agent",
-    "QNetwork": "megatie.agent",
-    "build_policy": "megatie.policies",
-    "TieController": "megatie.controller",
-    "regroup_optimizer": "megatie.optim",
+    "LayerTying": "megatie.tying.layers",
+    "find_blocks": "megatie.tying.layers",
+    "count_parameters": "megatie.tying.layers",
+    "QLearningAgent": "megatie.tying.agent",
+    "QNetwork": "megatie.tying.agent",
+    "build_policy": "megatie.tying.policies",
+    "TieController": "megatie.tying.controller",
+    "regroup_optimizer": "megatie.engines.optim",
     "TrainConfig": "megatie.config",
     "Trainer": "megatie.trainer",
 }

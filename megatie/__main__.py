@@ -2,6 +2,6 @@
 
 import sys
 
-from megatie.command import main
+from megatie.tools.command import main
 
 sys.exit(main())

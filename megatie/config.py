@@ -1,4 +1,4 @@
-"""One config dataclass for a training run, its presets (defined in ``megatie.choices``) and its validation.
+"""One config dataclass for a training run, its presets (``megatie.presets``) and its validation.
 
 The launcher flags fill ``TrainConfig``; they are the single source of truth for model size,
 micro-batch and learning rate (DeepSpeed JSON files hold engine settings only).
@@ -10,8 +10,19 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # Plain data, so building the parser and validating a config import no torch; PRESETS is re-exported.
-from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
 from megatie.errors import ConfigError
+from megatie.models import MODEL_FAMILIES
+from megatie.presets import PRESETS
+from megatie.tying.options import (
+    GROW_LAYOUTS,
+    MOVES,
+    POLICIES,
+    REWARD_NORMS,
+    REWARDS,
+    TIE_MODES,
+)
+
+LR_SCHEDULES = ("cosine", "constant")
 
 
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
@@ -42,7 +53,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 1234
     resume: str | None = None
-    # Settings a resumed run may change from its checkpoint's (megatie.resume says which need it).
+    # Settings a resumed run may change from its checkpoint's (megatie.checkpoint.resume says which need it).
     allow_changed: list[str] = field(default_factory=list)
     # model: the family is the launcher's (train_gpt2.py, train_llama.py, train_bert.py, train_vit.py), the
     # shape the preset's (with the family's own adjustments, megatie.models.<family>) or the flags'
@@ -74,7 +85,7 @@ class TrainConfig:
     local_rank: int | None = None  # set by the deepspeed launcher
     dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
     peak_tflops: float | None = None  # the GPU's dense peak for MFU; None: looked up from the device name
-    # speed (megatie.speed): TF32 matmuls for fp32 runs on CUDA; each block compiled with torch.compile
+    # speed (megatie.engines.speed): TF32 matmuls for fp32 runs on CUDA; each block compiled with torch.compile
     tf32: bool = True
     compile: bool = False
     # tying
@@ -102,7 +113,7 @@ class TrainConfig:
     grow_final: int | None = None
     grow_layout: str = "contiguous"
     # split: the most trainable parameters it may reach, as a fraction of conventional's. Unset: a third,
-    # and never fewer than two independent blocks (see megatie.policies.roots_within_budget).
+    # and never fewer than two independent blocks (see megatie.tying.policies.roots_within_budget).
     param_budget: float | None = None
     # data
     train_files: list[str] = field(default_factory=list)
@@ -112,7 +123,7 @@ class TrainConfig:
     data_dir: str | None = None
     tokenizer: str = "sentencepiece"
     vocab_size: int | None = None
-    # The model's embedding and LM head get rows up to a multiple of this (megatie.vocab); the padded
+    # The model's embedding and LM head get rows up to a multiple of this (megatie.models.vocab); the padded
     # ids are never targets, their logits are masked, exports have the tokenizer's vocabulary. 1: none.
     pad_vocab_to: int | None = None
     mask_prob: float = 0.15  # masked LM (BERT): the share of tokens chosen for prediction
@@ -138,7 +149,9 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         values = dataclasses.asdict(self)
-        from megatie.models import get_spec  # plain data: a family module loads transformers only to build
+        from megatie.models import (
+            get_spec,  # plain data: a family module loads transformers only to build
+        )
 
         spec = get_spec(self.model)
         for key, value in {**PRESETS[self.preset], **spec.presets.get(self.preset, {})}.items():
@@ -174,8 +187,6 @@ class TrainConfig:
         return self.deepspeed_config is not None
 
     def validate(self) -> None:
-        from megatie.choices import MODEL_FAMILIES
-
         if self.model not in MODEL_FAMILIES:
             raise ConfigError(f"unknown model family {self.model!r}; choose one of {', '.join(MODEL_FAMILIES)}")
         positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",

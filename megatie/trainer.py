@@ -4,7 +4,7 @@ Read top to bottom: ``Trainer.__init__`` builds everything (resuming if asked), 
 the schedule and writes ``summary.json``. The optimisation itself lives in an *engine* built by
 ``megatie.engines.build_engine``: plain torch in one process (the reference) or DeepSpeed ZeRO on
 any number of ranks; both expose ``train_step``, ``regroup``, ``lr``, ``state_dict``,
-``save_checkpoint``. Ranks agree through ``megatie.distributed.RankSync``.
+``save_checkpoint``. Ranks agree through ``megatie.runtime.distributed.RankSync``.
 """
 
 from __future__ import annotations
@@ -19,29 +19,43 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from megatie.agent import AgentConfig
-from megatie.checkpoint import load_checkpoint, load_model_tensors, prune_checkpoints, replace_dir, step_name
+from megatie.checkpoint.resume import (
+    adopt_unset,
+    check_engine,
+    check_max_steps,
+    check_settings,
+    check_timeline,
+    choose_checkpoint,
+    set_aside_damaged,
+    truncate_metrics,
+)
+from megatie.checkpoint.store import (
+    load_checkpoint,
+    load_model_tensors,
+    prune_checkpoints,
+    step_name,
+)
 from megatie.config import TrainConfig
-from megatie.controller import TieController
 from megatie.data.prefetch import StepPrefetcher
-from megatie.distributed import RankSync
 from megatie.engines import build_engine
+from megatie.engines.speed import prepare_for_speed
 from megatie.errors import CheckpointError, ConfigError, DivergedError
-from megatie.interrupts import raise_if_requested
-from megatie.flops import mfu, model_flops_per_token, peak_flops
-from megatie.memory import MemoryMonitor
-from megatie.metrics import MetricsLogger, write_json_atomic
-from megatie.gradient_probe import block_gradient_gram
-from megatie.objectives import model_inputs_on, objective_for
-from megatie.policies import build_policy, load_reference_run, roots_within_budget
-from megatie.resume import (adopt_unset, check_engine, check_max_steps, check_settings, check_timeline,
-                            choose_checkpoint, set_aside_damaged, truncate_metrics)
-from megatie.speed import prepare_for_speed
-from megatie.state import num_independent
-from megatie.step_losses import PendingLosses
-from megatie.summary import run_summary
-from megatie.tying import LayerTying, count_parameters
-from megatie.vocab import build_lm
+from megatie.metrics.flops import mfu, model_flops_per_token, peak_flops
+from megatie.metrics.logger import MetricsLogger
+from megatie.metrics.memory import MemoryMonitor
+from megatie.metrics.step_losses import PendingLosses
+from megatie.metrics.summary import run_summary
+from megatie.models.objectives import model_inputs_on, objective_for
+from megatie.models.vocab import build_lm
+from megatie.runtime.atomic import replace_dir, write_json_atomic
+from megatie.runtime.distributed import RankSync
+from megatie.runtime.interrupts import raise_if_requested
+from megatie.tying.agent import AgentConfig
+from megatie.tying.controller import TieController
+from megatie.tying.gradient_probe import block_gradient_gram
+from megatie.tying.layers import LayerTying, count_parameters
+from megatie.tying.policies import build_policy, load_reference_run, roots_within_budget
+from megatie.tying.tie_map import num_independent
 
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
 _RANK_STREAM = 7919

@@ -1,7 +1,7 @@
 """A plain-PyTorch oracle for DeepSpeed's mixed-precision ZeRO step on one rank, regroups included.
 
 The model computes in bf16 or fp16; every trainable tensor has an fp32 master that takes the AdamW
-step (``megatie.optim``'s, per tensor) on the fp32 copy of its gradient, unscaled by a static fp16
+step (``megatie.engines.optim``'s, per tensor) on the fp32 copy of its gradient, unscaled by a static fp16
 loss scale (a power of two, so unscaling is exact); the weights are the masters rounded back. A
 regroup keeps survivors' masters and Adam state, gives an untied tensor a copy of its source's
 master and state, and starts a tensor that leaves the frozen phase from its weights with no state -
@@ -15,8 +15,8 @@ from collections import defaultdict
 
 import torch
 
-from megatie.optim import build_adamw, clone_state, decay_group, lr_scheduler
-from megatie.tying import unique_parameters
+from megatie.engines.optim import build_adamw, clone_state, decay_group, lr_scheduler
+from megatie.tying.layers import unique_parameters
 
 
 class MixedPrecisionReference:

@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from megatie.agent import AgentConfig, QLearningAgent, QNetwork, reward_from_loss
+from megatie.tying.agent import AgentConfig, QLearningAgent, QNetwork, reward_from_loss
 from megatie.errors import ConfigError
-from megatie.state import state_from_action, validate_action
+from megatie.tying.tie_map import state_from_action, validate_action
 
 
 @pytest.mark.parametrize("L", [2, 3, 5, 12, 48])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatie.cli import run_main, train_main
+from megatie.tools.train_cli import run_main, train_main
 from megatie.data import make_corpus, prepare
 from megatie.data.sources import default_corpus_text
 
@@ -79,7 +79,7 @@ class Place:
 
 
 def _reseal(ckpt: Path, fname: str) -> None:
-    from megatie.checkpoint import file_record
+    from megatie.checkpoint.store import file_record
 
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"][fname] = file_record(str(ckpt / fname))

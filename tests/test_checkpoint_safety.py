@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from megatie.checkpoint import file_record, list_checkpoints, prune_checkpoints
+from megatie.checkpoint.store import file_record, list_checkpoints, prune_checkpoints
 from megatie.config import TrainConfig
 from megatie.errors import CheckpointError, ConfigError, DivergedError
 from megatie.trainer import Trainer
@@ -173,7 +173,7 @@ def test_summary_is_strict_json(finished_run):
 
 def test_resume_auto_alone_continues_the_run_as_it_was(finished_run, tmp_path, cache_dir):
     """Only the flags given are changes: sizes, seed, policy, lr... come from the checkpoint."""
-    from megatie.cli import run_main, train_main
+    from megatie.tools.train_cli import run_main, train_main
 
     run = copy_run(finished_run, tmp_path)
     assert run_main(train_main, ["--out-dir", str(run), "--resume", "auto", "--max-steps", "14", "--allow-changed",

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatie.cli import INTERRUPTED, check_out_dir, run_main
+from megatie.tools.train_cli import INTERRUPTED, check_out_dir, run_main
 from megatie.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ def _python(*args, timeout=60):
 
 
 def test_parser_and_validation_import_nothing_heavy():
-    code = ("import sys; from megatie.cli import build_parser, config_from_args; "
+    code = ("import sys; from megatie.tools.train_cli import build_parser, config_from_args; "
             "config_from_args(build_parser().parse_args(['--preset', 'gpt2'])).resolved(); "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     r = _python("-c", code)
@@ -41,11 +41,13 @@ def test_help_and_flag_errors_answer_quickly(tmp_path):
 
 
 def test_choices_are_re_exported_where_they_used_to_live():
-    from megatie import agent, choices, config, policies, tying
+    """Each choice is defined once, as plain data, and the modules that implement it re-export it."""
+    from megatie import config, presets
+    from megatie.tying import agent, layers, options, policies
 
-    assert agent.REWARDS is choices.REWARDS and agent.REWARD_NORMS is choices.REWARD_NORMS
-    assert agent.MOVES is choices.MOVES and tying.TIE_MODES is choices.TIE_MODES
-    assert policies.POLICIES is choices.POLICIES and config.PRESETS is choices.PRESETS
+    assert agent.REWARDS is options.REWARDS and agent.REWARD_NORMS is options.REWARD_NORMS
+    assert agent.MOVES is options.MOVES and layers.TIE_MODES is options.TIE_MODES
+    assert policies.POLICIES is options.POLICIES and config.PRESETS is presets.PRESETS
 
 
 def test_check_out_dir(tmp_path):

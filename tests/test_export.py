@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatie.cli import run_main, train_main
+from megatie.tools.train_cli import run_main, train_main
 from megatie.data.sources import default_corpus_text
-from megatie.export import load_compact, load_run
+from megatie.tools.export import load_compact, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
@@ -32,7 +32,7 @@ def megatie(*args):
     import contextlib
     import io
 
-    from megatie.command import command_main
+    from megatie.tools.command import command_main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

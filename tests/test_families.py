@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatie.cli import build_parser, config_from_args
-from megatie.export import untied_state_dict
-from megatie.objectives import model_inputs_on
+from megatie.tools.train_cli import build_parser, config_from_args
+from megatie.tools.export import untied_state_dict
+from megatie.models.objectives import model_inputs_on
 from megatie.trainer import Trainer
-from megatie.tying import unique_parameters
+from megatie.tying.layers import unique_parameters
 from test_zero_distributed import _port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_vit_launcher_trains_on_an_image_folder_and_exports_a_classifier(tmp_pat
              f"clf = pipeline('image-classification', model={str(tmp_path / 'hf')!r})\n"
              f"print(sorted(r['label'] for r in clf(Image.open({str(folder / 'vertical' / '0.png')!r}))))")
     assert _without_megatie(probe) == "['horizontal', 'vertical']"
-    from megatie.export import load_run
+    from megatie.tools.export import load_run
 
     ours = load_run(str(run))[0]
     probe = ("import json, torch\nfrom PIL import Image\n"
@@ -196,7 +196,7 @@ def test_vit_launcher_trains_on_an_image_folder_and_exports_a_classifier(tmp_pat
     # The exported processor makes exactly the pixels training made of the same file.
     from megatie.config import TrainConfig
     from megatie.data.images import _read_image
-    from megatie.objectives import ImageClassification
+    from megatie.models.objectives import ImageClassification
 
     objective = ImageClassification(TrainConfig(model="vit", image_dir=str(folder)).resolved())
     objective.build_data(0, 1, None)

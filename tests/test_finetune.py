@@ -54,7 +54,7 @@ def test_beats_the_majority_baseline(tuned):
 
 def test_tie_map_is_kept_and_the_optimizer_sees_each_group_once(run, labeled):
     from megatie.config import FinetuneConfig
-    from megatie.finetune import build_classifier, load_backbone
+    from megatie.tools.finetune import build_classifier, load_backbone
 
     config, weights, state, _ = load_backbone(str(run))
     assert state == [0, 1, 0, 1]  # the run's alternate tie map
@@ -65,9 +65,9 @@ def test_tie_map_is_kept_and_the_optimizer_sees_each_group_once(run, labeled):
     per_block = len(list(blocks[0].parameters()))
     assert len(list(model.parameters())) == len(list(model.transformer.wte.parameters())) + 1 + 2 * per_block + 2 + 1
     before = blocks[0].mlp.c_fc.weight.detach().clone()
-    from megatie.finetune import _train, encode_examples
-    from megatie.inference import tokenizer_in
-    from megatie.labeled import read_examples
+    from megatie.tools.finetune import _train, encode_examples
+    from megatie.tools.inference import tokenizer_in
+    from megatie.data.labeled import read_examples
 
     tokenizer = tokenizer_in(str(run / "tokenizer"))
     examples = read_examples(str(labeled))
@@ -93,9 +93,9 @@ torch.save({"logits": logits, "labels": [model.config.id2label[int(i)] for i in 
 
 
 def test_result_loads_with_transformers_alone_and_agrees(tuned, tmp_path):
-    from megatie.finetune import accuracy, encode_examples
-    from megatie.inference import tokenizer_in
-    from megatie.labeled import Examples
+    from megatie.tools.finetune import accuracy, encode_examples
+    from megatie.tools.inference import tokenizer_in
+    from megatie.data.labeled import Examples
     from transformers import AutoModelForSequenceClassification
 
     texts = ["THE LIST DATA TYPE HAS MORE METHODS.", "Here are all of the methods of list objects."]
@@ -151,7 +151,7 @@ def test_bad_labeled_files_are_one_line_and_write_nothing(run, tmp_path):
 
 
 def test_held_out_split_is_seeded_and_disjoint():
-    from megatie.labeled import Examples, split_held_out
+    from megatie.data.labeled import Examples, split_held_out
 
     examples = Examples([f"t{i}" for i in range(50)], [i % 2 for i in range(50)])
     a_train, a_held = split_held_out(examples, 0.2, seed=1)

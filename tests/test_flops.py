@@ -2,9 +2,9 @@
 
 import pytest
 
-from megatie.flops import PEAK_TFLOPS, mfu, model_flops_per_token, peak_flops
+from megatie.metrics.flops import PEAK_TFLOPS, mfu, model_flops_per_token, peak_flops
 from megatie.models.gpt2 import build_gpt2
-from megatie.tying import LayerTying
+from megatie.tying.layers import LayerTying
 
 
 def _gpt2_by_hand(layers, d, vocab, seq):

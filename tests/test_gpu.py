@@ -39,7 +39,7 @@ def test_multi_tensor_copy_on_cuda_is_bitwise():
 
 def test_peak_memory_survives_a_reset_on_cuda():
     """A reset of the CUDA peak counters (as DeepSpeed's empty_cache() makes) cannot hide an earlier peak."""
-    from megatie.memory import MemoryMonitor
+    from megatie.metrics.memory import MemoryMonitor
 
     monitor = MemoryMonitor("cuda").start()
     big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
@@ -75,7 +75,7 @@ def test_deepspeed_on_cuda_matches_the_same_device_reference(tmp_path, monkeypat
     cuBLAS free only to pick algorithms by operand alignment (DeepSpeed's weights are views into one
     flat buffer); a lost or misplaced optimizer state moves these losses by far more (the CPU
     mutation tests in test_zero.py)."""
-    from megatie.cli import build_parser, config_from_args
+    from megatie.tools.train_cli import build_parser, config_from_args
     from megatie.trainer import Trainer
     from zero_helper import record_losses, write_reference_run
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from megatie.interrupts import interrupts_end_the_run, raise_if_requested
+from megatie.runtime.interrupts import interrupts_end_the_run, raise_if_requested
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost raise, on purpose
 from megatie.trainer import Trainer
@@ -57,7 +57,7 @@ def test_an_interrupt_inside_a_destructor_waits_for_the_step_boundary():
     import signal
     import sys
 
-    from megatie import interrupts
+    from megatie.runtime import interrupts
 
     seen = {}
 

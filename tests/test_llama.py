@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatie.cli import build_parser, config_from_args
+from megatie.tools.train_cli import build_parser, config_from_args
 from megatie.models import get_spec
 from megatie.trainer import Trainer
-from megatie.tying import LayerTying
+from megatie.tying.layers import LayerTying
 from test_zero_distributed import _port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_launcher_trains_exports_and_refuses_another_familys_checkpoint(tmp_path
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     name, logits = out.stdout.split(" ", 1)
-    from megatie.export import load_run
+    from megatie.tools.export import load_run
 
     ours = load_run(str(run))[0](torch.arange(1, 21).unsqueeze(0)).logits[0, -1, :5]
     assert name == "LlamaForCausalLM" and torch.allclose(ours, torch.tensor(json.loads(logits)), atol=1e-5)

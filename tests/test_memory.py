@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.cuda.memory as cuda_memory
 
-from megatie.memory import MemoryMonitor
+from megatie.metrics.memory import MemoryMonitor
 
 
 class FakeAllocator:

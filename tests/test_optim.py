@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call
 
 from helpers import VOCAB, lm_loss, tiny_model
-from megatie.optim import build_adamw, param_groups, regroup_optimizer
-from megatie.tying import LayerTying, unique_parameters
+from megatie.engines.optim import build_adamw, param_groups, regroup_optimizer
+from megatie.tying.layers import LayerTying, unique_parameters
 
 
 def trained_setup(state, frozen=(), steps=3):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import VOCAB, lm_loss, tiny_model
-from megatie.controller import TieController
+from megatie.tying.controller import TieController
 from megatie.errors import ConfigError
-from megatie.policies import (
+from megatie.tying.policies import (
     POLICIES,
     build_policy,
     cycle_rev_state,
@@ -16,8 +16,8 @@ from megatie.policies import (
     load_reference_run,
     sequence_state,
 )
-from megatie.state import num_independent, validate_state
-from megatie.tying import LayerTying, count_parameters
+from megatie.tying.tie_map import num_independent, validate_state
+from megatie.tying.layers import LayerTying, count_parameters
 
 
 def test_static_patterns():

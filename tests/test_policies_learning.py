@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from helpers import VOCAB, lm_loss, tiny_model
-from megatie.agent import AgentConfig, QLearningAgent, RunningStats
+from megatie.tying.agent import AgentConfig, QLearningAgent, RunningStats
 from megatie.config import TrainConfig
-from megatie.controller import TieController
+from megatie.tying.controller import TieController
 from megatie.errors import ConfigError
-from megatie.policies import GrowPolicy, build_policy, contiguous_state, split_order
-from megatie.state import num_independent, validate_state
-from megatie.tying import LayerTying
+from megatie.tying.policies import GrowPolicy, build_policy, contiguous_state, split_order
+from megatie.tying.tie_map import num_independent, validate_state
+from megatie.tying.layers import LayerTying
 
 
 def test_split_order_and_contiguous_states():
@@ -126,7 +126,7 @@ def make_delayed(seed=0, setup=True):
 
 
 def test_delayed_reward_rewards_the_previous_action_and_round_trips():
-    from megatie.checkpoint import load_model_tensors, unique_state_dict
+    from megatie.checkpoint.store import load_model_tensors, unique_state_dict
 
     ctl, gen, model = make_delayed()
     first = ctl.decide(2)
@@ -200,7 +200,7 @@ def test_new_options_train_end_to_end(tmp_path):
 
 
 def test_cyclic_grow_follows_a_divisor_chain():
-    from megatie.policies import cyclic_state, divisor_chain
+    from megatie.tying.policies import cyclic_state, divisor_chain
 
     assert divisor_chain(12) == [1, 2, 4, 12] and divisor_chain(6) == [1, 2, 6] and divisor_chain(1) == [1]
     p = GrowPolicy(12, total_steps=600, tie_every=15, start=0.0, final=12, layout="cyclic")
@@ -225,7 +225,7 @@ def test_alternate_is_static_two_block_cycle():
 
 
 def test_local_moves_change_exactly_one_block_decision():
-    from megatie.state import roots, state_from_action
+    from megatie.tying.tie_map import roots, state_from_action
 
     L = 8
     agent = QLearningAgent(L, AgentConfig(moves="local", eps_start=1.0, eps_decay=1.0, eps_min=1.0), seed=3)

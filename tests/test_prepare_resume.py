@@ -22,7 +22,7 @@ from megatie.data import shards as shards_mod
 from megatie.data.journal import Journal, ShardWriter
 from megatie.data.sources import default_corpus_text
 from megatie.errors import DataError
-from megatie.runlock import RunLock
+from megatie.runtime.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "prepare_data.py"

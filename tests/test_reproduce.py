@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py (commands, table) and megatie/plots.py (the paper's figures)."""
+"""benchmarks/reproduce.py (commands, table) and megatie/metrics/plots.py (the paper's figures)."""
 
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatie import plots
+from megatie.metrics import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatie.runlock import LOCK_NAME, RunLock, RunLockedError
+from megatie.runtime.runlock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "train_gpt2.py"

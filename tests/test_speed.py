@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from helpers import VOCAB, lm_loss, tiny_model
-from megatie.cli import build_parser, config_from_args, run_main, train_main
+from megatie.tools.train_cli import build_parser, config_from_args, run_main, train_main
 from megatie.config import TrainConfig
 from megatie.engines.ds_config import engine_config, load_ds_config
 from megatie.errors import CheckpointError, ConfigError
-from megatie.optim import FUSED_ADAMW, adam_step_tensor, build_adamw, fused_applies, param_groups, regroup_optimizer
-from megatie.resume import adopt_unset, check_settings
-from megatie.speed import compiled_graphs, set_tf32
-from megatie.tying import LayerTying, count_parameters
-from megatie.vocab import build_lm, padded_vocab_size
+from megatie.engines.optim import FUSED_ADAMW, adam_step_tensor, build_adamw, fused_applies, param_groups, regroup_optimizer
+from megatie.checkpoint.resume import adopt_unset, check_settings
+from megatie.engines.speed import compiled_graphs, set_tf32
+from megatie.tying.layers import LayerTying, count_parameters
+from megatie.models.vocab import build_lm, padded_vocab_size
 from zero_helper import base_args, record_losses, write_reference_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_fused_adamw_through_regroups_follows_the_exact_loop():
 @pytest.fixture(scope="module")
 def ds_sync():
     pytest.importorskip("deepspeed")
-    from megatie.distributed import init_deepspeed_distributed
+    from megatie.runtime.distributed import init_deepspeed_distributed
 
     return init_deepspeed_distributed()
 
@@ -128,9 +128,9 @@ def ds_sync():
 def test_deepspeed_regroups_a_fused_adamw(tmp_path, ds_sync, monkeypatch):
     """What the DeepSpeed engine does with CUDA masters, on the CPU's fused kernel: ZeRO-2 through
     regroups against the torch engine, both fused. The single rank also turns overlap_comm off."""
-    import megatie.optim
+    import megatie.engines.optim
 
-    monkeypatch.setattr(megatie.optim, "fused_applies", lambda params: True)
+    monkeypatch.setattr(megatie.engines.optim, "fused_applies", lambda params: True)
     reference = write_reference_run(str(tmp_path / "ref"))
     _, expected, _ = _run(base_args(str(tmp_path / "torch"), reference, steps=40))
     config = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
@@ -146,10 +146,10 @@ def test_deepspeed_regroups_a_fused_adamw(tmp_path, ds_sync, monkeypatch):
 def test_offloaded_optimizer_state_keeps_the_host_loop(tmp_path, ds_sync, monkeypatch):
     """With offload_optimizer the masters DeepSpeed steps live on the host, whatever device the model
     is on: never the fused kernel there, and the summary says so."""
-    import megatie.optim
+    import megatie.engines.optim
 
-    monkeypatch.setattr(megatie.optim, "fused_applies", lambda params: True)  # as if the model were on CUDA
-    monkeypatch.setattr("megatie.speed.fused_applies", lambda params: True)
+    monkeypatch.setattr(megatie.engines.optim, "fused_applies", lambda params: True)  # as if the model were on CUDA
+    monkeypatch.setattr("megatie.engines.speed.fused_applies", lambda params: True)
     reference = write_reference_run(str(tmp_path / "ref"))
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     trainer, _, summary = _run(base_args(str(tmp_path / "ds"), reference, steps=2), ds_sync, config)
@@ -266,8 +266,8 @@ ARGS = ["--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", 
 def test_a_padded_run_exports_the_tokenizers_vocabulary(tmp_path, cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatie.command import command_main
-    from megatie.export import load_compact, load_run
+    from megatie.tools.command import command_main
+    from megatie.tools.export import load_compact, load_run
     from megatie.models import get_spec
 
     run = tmp_path / "run"
@@ -328,7 +328,7 @@ def test_compiled_blocks_train_through_regroups(tmp_path, cache_dir):
     (plain, _, _, none), (losses, graphs, summary, final) = results[False], results[True]
     assert none == 0 and summary["compiled_blocks"] == 4 and summary["regroups"] >= 3
     assert _rel(losses, plain) <= 1e-4
-    # One graph per grad mode and kind of block tensors (megatie/speed.py): training, training with frozen
+    # One graph per grad mode and kind of block tensors (megatie/engines/speed.py): training, training with frozen
     # blocks, no-grad evaluation - whatever the number of blocks or of regroups.
     assert 0 < final <= 3, (graphs, final)
     assert graphs[1:] == [final] * (len(graphs) - 1), (graphs, final)

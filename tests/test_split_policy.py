@@ -11,12 +11,12 @@ import torch
 from helpers import VOCAB, tiny_model
 from megatie.config import TrainConfig
 from megatie.errors import ConfigError
-from megatie import gradient_probe
-from megatie.gradient_probe import block_gradient_gram, cosine, group_conflict
-from megatie.policies import SplitPolicy, roots_within_budget
-from megatie.state import groups, num_independent, validate_state
+from megatie.tying import gradient_probe
+from megatie.tying.gradient_probe import block_gradient_gram, cosine, group_conflict
+from megatie.tying.policies import SplitPolicy, roots_within_budget
+from megatie.tying.tie_map import groups, num_independent, validate_state
 from megatie.trainer import Trainer
-from megatie.tying import LayerTying
+from megatie.tying.layers import LayerTying
 
 
 def untied_gradients(model, state, inputs) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from megatie.errors import ConfigError
-from megatie.state import (
+from megatie.tying.tie_map import (
     canonical_state,
     groups,
     num_independent,

@@ -13,8 +13,8 @@ from megatie.config import TrainConfig
 from megatie.data.loader import SplitTokens, TokenBatchLoader
 from megatie.data.prefetch import StepPrefetcher
 from megatie.errors import DataError, DivergedError
-from megatie.objectives import input_generator
-from megatie.step_losses import PendingLosses
+from megatie.models.objectives import input_generator
+from megatie.metrics.step_losses import PendingLosses
 from megatie.trainer import Trainer
 
 

@@ -8,8 +8,8 @@ import torch
 
 from helpers import VOCAB, lm_loss, tiny_model
 from megatie.errors import ConfigError
-from megatie.state import state_from_action
-from megatie.tying import LayerTying, count_parameters, find_blocks
+from megatie.tying.tie_map import state_from_action
+from megatie.tying.layers import LayerTying, count_parameters, find_blocks
 
 MODELS = ["gpt2", "bert", "llama"]
 

@@ -12,11 +12,11 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from megatie.cli import build_parser, config_from_args, run_main, train_main  # noqa: E402
-from megatie.distributed import init_deepspeed_distributed  # noqa: E402
+from megatie.tools.train_cli import build_parser, config_from_args, run_main, train_main  # noqa: E402
+from megatie.runtime.distributed import init_deepspeed_distributed  # noqa: E402
 from megatie.engines.ds_config import load_ds_config  # noqa: E402
 from megatie.errors import CheckpointError, ConfigError  # noqa: E402
-from megatie.tying import count_parameters  # noqa: E402
+from megatie.tying.layers import count_parameters  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
 from mixed_reference import MixedPrecisionReference  # noqa: E402
 from zero_helper import base_args, record_losses, write_reference_run  # noqa: E402

@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed")
 # Every test here starts two or more ranks (10-60 s each on two CPU cores): run with `-m slow`.
 pytestmark = pytest.mark.slow
 
-from megatie.cli import build_parser, config_from_args  # noqa: E402
+from megatie.tools.train_cli import build_parser, config_from_args  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
 from zero_helper import base_args, record_losses, write_reference_run  # noqa: E402
 
@@ -142,7 +142,7 @@ def test_two_ranks_resume_across_regroups_is_exact(tmp_path, reference):
     b = _spawn(base_args(part, reference, steps=40) + ["--deepspeed", ZERO2, "--resume", ckpt],
                str(tmp_path / "b"))
     # The checkpoint of a 2-rank ZeRO-2 run exports complete: the same weights as either rank's model.
-    from megatie.export import export_run, load_run
+    from megatie.tools.export import export_run, load_run
     from zero_helper import weights_hash
 
     export_run(full, str(tmp_path / "exported"), "final", "compact")
@@ -202,7 +202,7 @@ def test_two_ranks_split_by_the_mean_of_their_gradients(tmp_path):
     args = _qlearning_args(out)
     args[args.index("qlearning")] = "split"
     r0, r1 = _spawn(args + ["--param-budget", "0.6"], str(tmp_path / "res"))
-    from megatie.gradient_probe import group_conflict
+    from megatie.tying.gradient_probe import group_conflict
 
     splits = [d for d in r0["decisions"] if "split_group" in d]
     assert len(splits) >= 2 and len(r0["own_grams"]) == len(r1["own_grams"]) == len(splits)

@@ -63,7 +63,7 @@ def base_args(out_dir: str, reference: str, steps: int = 104, batch: int = 2, ev
 
 
 def weights_hash(model) -> str:
-    from megatie.checkpoint import unique_state_dict
+    from megatie.checkpoint.store import unique_state_dict
 
     h = hashlib.sha256()
     for name, t in sorted(unique_state_dict(model).items()):
@@ -166,8 +166,8 @@ def _pause_in_save(trainer, step: int) -> None:
 
 
 def run(argv) -> None:
-    from megatie.cli import build_parser, config_from_args
-    from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
+    from megatie.tools.train_cli import build_parser, config_from_args
+    from megatie.runtime.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
 
     if os.environ.get("MEGATIE_TEST_DETERMINISTIC"):
         import torch
@@ -211,6 +211,6 @@ def _train_and_record(cfg, sync) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatie.cli import exit_process, run_main
+    from megatie.tools.train_cli import exit_process, run_main
 
     exit_process(run_main(run, sys.argv[1:]))

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from megatie.data.loader import SplitTokens, TokenBatchLoader, eval_batches, random_batch
+from megatie.data.loader import (
+    SplitTokens,
+    TokenBatchLoader,
+    eval_batches,
+    random_batch,
+)
 from megatie.data.mlm import MLMCollator
 from megatie.data.prepared import open_tokens, read_meta, segment_sources
 from megatie.data.shards import prepare, request_key

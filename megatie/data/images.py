@@ -2,7 +2,7 @@
 folder, or a Hugging Face image dataset; held in memory as uint8 tensors and served by the same exactly
 resumable loader as the token shards (``TokenBatchLoader``).
 
-Augmentation and normalisation happen later, per batch, in ``megatie.objectives`` (seeded by the step,
+Augmentation and normalisation happen later, per batch, in ``megatie.models.objectives`` (seeded by the step,
 so a resumed run sees the same images).
 """
 from __future__ import annotations

@@ -33,10 +33,14 @@ from tqdm.auto import tqdm
 from megatie.data.journal import JOURNAL, Journal, ShardWriter
 from megatie.data.prepared import FORMAT, read_meta
 from megatie.data.sources import Corpus, byte_ranges, read_range, sample_lines
-from megatie.data.tokenizers import (SentencePieceTokenizer, load_tokenizer, resolve_tokenizer,
-                                     train_sentencepiece)
+from megatie.data.tokenizers import (
+    SentencePieceTokenizer,
+    load_tokenizer,
+    resolve_tokenizer,
+    train_sentencepiece,
+)
 from megatie.errors import DataError
-from megatie.runlock import LOCK_NAME, RunLock, RunLockedError
+from megatie.runtime.runlock import LOCK_NAME, RunLock, RunLockedError
 
 SHARD_TOKENS = 1 << 27          # 128M tokens: 256 MB per uint16 shard
 SMALL_CORPUS = 16 << 20         # bytes of text below which tokenizing in-process is faster

@@ -31,8 +31,8 @@ def build_engine(model, cfg, device, sync=None, observer=None):
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.uses_deepspeed:
-        from megatie.distributed import RankSync
         from megatie.engines.deepspeed_engine import DeepSpeedEngine
+        from megatie.runtime.distributed import RankSync
 
         return DeepSpeedEngine(model, cfg, device, sync or RankSync(device=device), observer)
     from megatie.engines.torch_engine import TorchEngine

@@ -19,7 +19,7 @@ gradient-accumulation boundary, identically on every rank - ``regroup``:
 Adam's bias correction uses a step count per *param group* of a flat ZeRO buffer, while tensors
 born at different times have different counts (a block that starts training at the first decision
 begins at step 0). Parameters are therefore grouped by (weight decay, step count); with the AdamW
-math of ``megatie.optim`` (``foreach=False``) the result equals the plain torch reference.
+math of ``megatie.engines.optim`` (``foreach=False``) the result equals the plain torch reference.
 
 The rebuild calls DeepSpeed's ``DeepSpeedEngine._configure_optimizer`` / ``_configure_lr_scheduler``
 (private; setup.py pins DeepSpeed 0.19.x and tests/test_zero.py fails loudly if they change).
@@ -34,17 +34,29 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as tdist
 
-from megatie.checkpoint import (file_record, replace_dir, seal_checkpoint_dir, start_checkpoint_dir, write_shared_files,
-                                zero_file)
-from megatie.distributed import RankSync
+from megatie.checkpoint.store import (
+    file_record,
+    seal_checkpoint_dir,
+    start_checkpoint_dir,
+    write_shared_files,
+    zero_file,
+)
 from megatie.engines.ds_config import engine_config, offloads_optimizer, zero_stage_of
+from megatie.engines.optim import build_adamw, decay_group, lr_factor, lr_scheduler
 from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
-from megatie.engines.zero_state import (carry_in, carry_out, describe_sources, flat_views, held_state_bytes,
-                                        inner_optimizer)
+from megatie.engines.zero_state import (
+    carry_in,
+    carry_out,
+    describe_sources,
+    flat_views,
+    held_state_bytes,
+    inner_optimizer,
+)
 from megatie.errors import CheckpointError, ConfigError
-from megatie.objectives import model_inputs_on
-from megatie.optim import build_adamw, decay_group, lr_factor, lr_scheduler
-from megatie.tying import unique_parameters
+from megatie.models.objectives import model_inputs_on
+from megatie.runtime.atomic import replace_dir
+from megatie.runtime.distributed import RankSync
+from megatie.tying.layers import unique_parameters
 
 # What DeepSpeed's ZeRO-1/2 and bf16 optimizers attach to the parameters they manage; ``_hp_mapping``
 # holds the old optimizer's fp32 partition and state, so it must go with the optimizer.
@@ -79,7 +91,7 @@ class DeepSpeedEngine:
     def __init__(self, model, cfg, device: torch.device, sync: RankSync, observer=None):
         if not tdist.is_initialized():
             raise ConfigError("the DeepSpeed engine needs an initialised process group "
-                              "(megatie.distributed.init_deepspeed_distributed)")
+                              "(megatie.runtime.distributed.init_deepspeed_distributed)")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 

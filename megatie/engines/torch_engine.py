@@ -1,6 +1,6 @@
 """One process, plain torch AdamW over the unique trainable tensors, regrouped at every decision.
 
-The reference: every other engine is tested against it step for step (``megatie.optim`` holds the
+The reference: every other engine is tested against it step for step (``megatie.engines.optim`` holds the
 regroup and the schedule it shares with them)."""
 
 from __future__ import annotations
@@ -9,11 +9,16 @@ import time
 
 import torch
 
-from megatie.checkpoint import save_checkpoint
+from megatie.checkpoint.store import save_checkpoint
+from megatie.engines.optim import (
+    adamw_for,
+    lr_scheduler,
+    regroup_optimizer,
+    state_bytes,
+)
 from megatie.errors import CheckpointError
-from megatie.objectives import model_inputs_on
-from megatie.optim import adamw_for, lr_scheduler, regroup_optimizer, state_bytes
-from megatie.tying import unique_parameters
+from megatie.models.objectives import model_inputs_on
+from megatie.tying.layers import unique_parameters
 
 
 class TorchEngine:

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatie.engines.optim import adam_step_tensor
 from megatie.engines.zero_state import MOMENTS, flat_views, inner_optimizer
 from megatie.errors import CheckpointError
-from megatie.optim import adam_step_tensor
 
 
 def _step_of(state: dict) -> int | None:

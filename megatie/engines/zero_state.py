@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
+from megatie.engines.optim import adam_step_tensor, state_bytes
 from megatie.kernels import multi_tensor_copy_
-from megatie.optim import adam_step_tensor, state_bytes
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 EVERY_RANK = -1  # holder/needer rank of an unpartitioned tensor: each rank has its own full copy

@@ -3,7 +3,7 @@
 A family module builds its transformers model from a run's shape settings, names where its blocks
 live and its causal or masked objective. ``get_spec(name)`` imports only the family asked for (each
 pulls in transformers), so the launchers' parsers stay light; the names themselves are in
-``megatie.choices.MODEL_FAMILIES``.
+``MODEL_FAMILIES``.
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import importlib
 
 from megatie.models.spec import ModelSpec, quiet_build
 
-__all__ = ["ModelSpec", "get_spec", "quiet_build"]
+__all__ = ["MODEL_FAMILIES", "ModelSpec", "get_spec", "quiet_build"]
+
+# Model families (``megatie.models.<name>`` builds each); each has a launcher, launchers/train_<name>.py.
+MODEL_FAMILIES: tuple[str, ...] = ("gpt2", "llama", "bert", "vit")
 
 
 def get_spec(family: str) -> ModelSpec:
-    from megatie.choices import MODEL_FAMILIES
-
     if family not in MODEL_FAMILIES:
         from megatie.errors import ConfigError
 

@@ -20,7 +20,7 @@ class ModelSpec:
     block_path: str           # where the stack of identical blocks lives (what LayerTying ties)
     hf_class: str             # the transformers class a run of this family leaves behind
     objective: str = "causal"  # "causal" (next token), "masked" (masked tokens) or "image" (one label)
-    # Per-preset settings that differ from the shared presets (megatie.choices.PRESETS) for this family.
+    # Per-preset settings that differ from the shared presets (megatie.presets.PRESETS) for this family.
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     extra_settings: tuple[str, ...] = ()  # further TrainConfig fields the builder takes by name
 

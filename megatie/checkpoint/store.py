@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megatie.errors import CheckpointError
-from megatie.metrics import write_json_atomic
+from megatie.runtime.atomic import fsync_dir, replace_dir, write_json_atomic
 
 FORMAT_VERSION = 3  # 3: SHA-256 of every file; DeepSpeed state in safetensors; the step in meta.json
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -86,20 +86,6 @@ def file_record(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: str, name: str, step: int, model: nn.Module, optimizer_state: dict,
                     trainer_state: dict) -> str:
     """Write checkpoint ``root/name`` of the single-process engine atomically."""
@@ -134,19 +120,6 @@ def seal_checkpoint_dir(tmp: str, recorded: dict[str, dict] | None = None, **met
             files[fname] = file_record(os.path.join(tmp, fname))
     write_json_atomic(os.path.join(tmp, "meta.json"), {"format": FORMAT_VERSION, **meta, "files": files})
     fsync_dir(tmp)
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Move the finished directory ``tmp`` to ``final``, replacing an older one of that name; a
-    crash leaves either the old or the new directory under ``final``, never half of one."""
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(os.path.dirname(final))
 
 
 # ---------------------------------------------------------------------- reading

@@ -22,9 +22,13 @@ import shutil
 
 import torch
 
-from megatie.checkpoint import list_checkpoints, load_checkpoint, load_model_tensors
+from megatie.checkpoint.store import (
+    list_checkpoints,
+    load_checkpoint,
+    load_model_tensors,
+)
 from megatie.errors import CheckpointError, ConfigError
-from megatie.state import num_independent
+from megatie.tying.tie_map import num_independent
 
 COMPACT_MAP = "tie_map.json"
 TIE_STATE_KEY = "megatie_tie_state"  # in an hf export's config: the tie map its weights were trained with
@@ -58,8 +62,8 @@ def load_run(run_dir: str, which: str = "best"):
     its vocabulary the tokenizer's (a padded run's extra rows cut off)."""
     from megatie.config import BEFORE_SETTING
     from megatie.models import get_spec
-    from megatie.tying import LayerTying
-    from megatie.vocab import build_lm, unpad_vocab
+    from megatie.models.vocab import build_lm, unpad_vocab
+    from megatie.tying.layers import LayerTying
 
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
@@ -132,7 +136,7 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
         if settings.get("model") == "vit":
             _export_image_processor(model, os.path.join(run_dir, "image_processor"), tmp)
         else:
-            from megatie.hf_tokenizer import export_tokenizer
+            from megatie.data.hf_tokenizer import export_tokenizer
 
             special = export_tokenizer(os.path.join(run_dir, "tokenizer"), tmp)
             for key, token_id in special.items():  # generate() needs the tokenizer's own end of text
@@ -173,7 +177,7 @@ def _write_hf(model, tying, tmp: str) -> None:
 def _write_compact(model, tying, tmp: str) -> None:
     from safetensors.torch import save_file
 
-    from megatie.checkpoint import unique_state_dict
+    from megatie.checkpoint.store import unique_state_dict
 
     root, pattern = root_of(tying.state), _block_pattern(tying.block_path)
     unique = unique_state_dict(model)  # an output layer that is the token embedding is stored once
@@ -192,7 +196,7 @@ def load_compact(path: str):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from megatie.tying import LayerTying
+    from megatie.tying.layers import LayerTying
 
     try:
         with open(os.path.join(path, COMPACT_MAP), encoding="utf-8") as f:
@@ -223,7 +227,7 @@ def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
     inputs = "AutoImageProcessor" if family == "vit" else "AutoTokenizer"
     load = (f"from transformers import {auto}, {inputs}\nmodel = {auto}.from_pretrained(PATH)\n"
             f"{'processor' if family == 'vit' else 'tokenizer'} = {inputs}.from_pretrained(PATH)"
-            if fmt == "hf" else "from megatie.export import load_compact\nmodel = load_compact(PATH)")
+            if fmt == "hf" else "from megatie.tools.export import load_compact\nmodel = load_compact(PATH)")
     shape = (f"{settings['image_size']}x{settings['image_size']} images in {settings['patch_size']}-pixel patches, "
              f"{settings['num_classes']} classes" if family == "vit" else
              f"context {settings['seq_len']},\n  vocabulary {settings['vocab_size']} ({settings['tokenizer']} tokenizer)")

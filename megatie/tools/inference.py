@@ -23,7 +23,7 @@ def context_length(config) -> int:
 
 def load_for_inference(source: str, checkpoint: str = "best"):
     """``(model, tokenizer)`` from a run directory, an ``hf`` export or a ``compact`` export."""
-    from megatie.export import COMPACT_MAP, is_run_dir, load_compact, load_run
+    from megatie.tools.export import COMPACT_MAP, is_run_dir, load_compact, load_run
 
     if not os.path.isdir(source):
         raise ConfigError(f"{source!r} is not a directory (a run directory or a megatie export)")

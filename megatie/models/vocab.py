@@ -10,7 +10,7 @@ The padding never leaves the model:
   and perplexity depend on the padding. Masked, they are exactly those of the unpadded vocabulary:
   the padded rows get no gradient from the loss (weight decay alone shrinks them), sampling can
   never pick a padded id, and a run's own evaluation agrees with its export's;
-- a run read back for use (``megatie.export.load_run``: export, eval, generate, finetune) is cut to
+- a run read back for use (``megatie.tools.export.load_run``: export, eval, generate, finetune) is cut to
   the tokenizer's vocabulary (``unpad_vocab``), so an export loads with ``from_pretrained`` next to
   its tokenizer with matching sizes.
 

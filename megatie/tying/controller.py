@@ -9,7 +9,7 @@ i.e. after k steps of training under the structure it chose, instead of right af
 only measures the damage a copy does, never what the structure is worth once trained). The
 ``loss-drop`` reward is always delayed: loss at decision t (before its copies) minus loss at t+1.
 
-With several ranks, rank 0 decides and every other rank follows (``megatie.distributed.RankSync``):
+With several ranks, rank 0 decides and every other rank follows (``megatie.runtime.distributed.RankSync``):
 the reward is the mean of every rank's measurement, the proposal and the policy's state (its Q
 network, exploration generator, eps) come from rank 0 by broadcast, and before a decision is
 applied, and again after its regroup, the ranks check that they hold the same tie state and the
@@ -22,12 +22,17 @@ from typing import Callable
 
 import torch
 
-from megatie.agent import reward_from_loss
-from megatie.distributed import RankSync, param_checksum
 from megatie.errors import ConfigError
-from megatie.policies import Proposal, TyingPolicy
-from megatie.state import identity_state, num_independent
-from megatie.tying import LayerTying, RegroupPlan, count_parameters, unique_parameters
+from megatie.runtime.distributed import RankSync, param_checksum
+from megatie.tying.agent import reward_from_loss
+from megatie.tying.layers import (
+    LayerTying,
+    RegroupPlan,
+    count_parameters,
+    unique_parameters,
+)
+from megatie.tying.policies import Proposal, TyingPolicy
+from megatie.tying.tie_map import identity_state, num_independent
 
 
 def _merge_regroups(first: dict, second: dict) -> dict:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The option names are defined torch-free (for the launcher's parser) and re-exported here.
-from megatie.choices import MOVES, REWARD_NORMS, REWARDS  # noqa: F401
 from megatie.errors import ConfigError
-from megatie.state import validate_action, validate_state
+
+# The option names are defined torch-free (for the launcher's parser) and re-exported here.
+from megatie.tying.options import MOVES, REWARD_NORMS, REWARDS  # noqa: F401
+from megatie.tying.tie_map import validate_action, validate_state
 
 
 def reward_from_loss(loss: float, kind: str, previous: float | None = None) -> float:

@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-from megatie.cli import _Parser, run_main
 from megatie.config import FinetuneConfig
+from megatie.tools.train_cli import _Parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def command_main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     _validate(args)
     if args.command == "export":
-        from megatie.export import export_run
+        from megatie.tools.export import export_run
 
         out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.format)
         print(f"exported {args.run_dir} ({args.checkpoint}) as {args.format} to {out}")
@@ -116,13 +116,13 @@ def command_main(argv=None) -> None:
     if args.command == "finetune":
         _finetune(args)
         return
-    from megatie.inference import generate, load_for_inference, perplexity
+    from megatie.tools.inference import generate, load_for_inference, perplexity
 
     model, tokenizer = load_for_inference(args.source, args.checkpoint)
     if args.command == "eval":
         result = perplexity(model, tokenizer, args.file, args.batch_size)
         if args.json:
-            from megatie.metrics import write_json_atomic
+            from megatie.runtime.atomic import write_json_atomic
 
             write_json_atomic(args.json, result)
         print(json.dumps({k: result[k] for k in ("ppl", "loss", "tokens", "predicted_tokens")}))
@@ -132,13 +132,13 @@ def command_main(argv=None) -> None:
 
 
 def _finetune(args) -> None:
-    from megatie.labeled import check_classes, load_examples
+    from megatie.data.labeled import check_classes, load_examples
 
     cfg = _finetune_config(args)
     cfg.validate()
     examples = load_examples(cfg)  # every labeled row checked before torch and the model load
     check_classes(*examples)
-    from megatie.finetune import finetune
+    from megatie.tools.finetune import finetune
 
     summary = finetune(cfg, examples)
     print(json.dumps({k: summary[k] for k in ("held_out_accuracy", "majority_baseline", "train_examples",

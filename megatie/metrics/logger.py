@@ -2,7 +2,7 @@
 
 Only rank 0 writes. Lines are flushed as they are written so a crashed run keeps its log; a
 resumed run appends to the same file after cutting it back to the checkpoint's step
-(``megatie.resume.truncate_metrics``), and TensorBoard purges its events after that step too.
+(``megatie.checkpoint.resume.truncate_metrics``), and TensorBoard purges its events after that step too.
 Everything written is strict JSON: a non-finite number is written as ``null``.
 """
 
@@ -13,16 +13,7 @@ import math
 import os
 import time
 
-
-def finite_or_none(value):
-    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
+from megatie.runtime.atomic import finite_or_none
 
 
 class MetricsLogger:
@@ -61,13 +52,3 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON next to ``path`` and rename it into place, so a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite_or_none(obj), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -18,9 +18,17 @@ import dataclasses
 import json
 import os
 
-from megatie.checkpoint import SHARED_FILES, list_checkpoints, read_meta, set_aside, verify_files, zero_file
+from megatie.checkpoint.store import (
+    SHARED_FILES,
+    list_checkpoints,
+    read_meta,
+    set_aside,
+    verify_files,
+    zero_file,
+)
 from megatie.config import BEFORE_SETTING, FREE, STRUCTURAL
 from megatie.errors import CheckpointError, ConfigError
+
 
 def _problem_for_rank(path: str, rank: int) -> str | None:
     """Rank 0 verifies the files every rank reads, each rank its own ZeRO slice: the checkpoint is

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from megatie.optim import fused_applies
-from megatie.tying import unique_parameters
-from megatie.vocab import padded_vocab_size
+from megatie.engines.optim import fused_applies
+from megatie.models.vocab import padded_vocab_size
+from megatie.tying.layers import unique_parameters
 
 
 def set_tf32(wanted: bool, device: torch.device, precision: str) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from megatie.kernels import multi_tensor_copy_
-from megatie.tying import RegroupPlan, unique_parameters
+from megatie.tying.layers import RegroupPlan, unique_parameters
 
 
 def decay_group(param: torch.Tensor) -> int:

@@ -4,8 +4,8 @@ Errors the user can fix end with one line on stderr and exit status 2, never a t
 (set ``MEGATIE_DEBUG=1`` to see the traceback anyway).
 
 Importing this module and building the parser import no torch, transformers or DeepSpeed (the
-choices come from ``megatie.choices``), so ``--help`` and a mistyped flag answer in well under a
-second; everything that can be checked without them is checked before they load.
+choices come from ``megatie.presets`` and ``megatie.tying.options``), so ``--help`` and a mistyped flag
+answer in well under a second; everything that can be checked without them is checked before they load.
 """
 
 from __future__ import annotations
@@ -16,11 +16,19 @@ import os
 import sys
 import traceback
 
-from megatie.choices import GROW_LAYOUTS, LR_SCHEDULES, MOVES, POLICIES, PRESETS, REWARD_NORMS, REWARDS, TIE_MODES
-from megatie.config import FREE, TrainConfig
+from megatie.config import FREE, LR_SCHEDULES, TrainConfig
 from megatie.errors import ConfigError, MegatieError
-from megatie.interrupts import ignore_interrupts, interrupts_end_the_run
-from megatie.runlock import RunLock
+from megatie.presets import PRESETS
+from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
+from megatie.runtime.runlock import RunLock
+from megatie.tying.options import (
+    GROW_LAYOUTS,
+    MOVES,
+    POLICIES,
+    REWARD_NORMS,
+    REWARDS,
+    TIE_MODES,
+)
 
 INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume auto)"
 
@@ -73,7 +81,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--adam-eps", type=float, default=d.adam_eps)
     tie = p.add_argument_group("tying")
     tie.add_argument("--tie-policy", default=d.tie_policy, metavar="NAME",
-                     help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))
+                     help="; ".join(f"{k}: {v.help}" for k, v in POLICIES.items()))
     tie.add_argument("--tie-every", type=int, default=d.tie_every, help="steps between decisions (k)")
     tie.add_argument("--tie-mode", default=d.tie_mode, metavar="MODE", help=f"one of {', '.join(TIE_MODES)}")
     tie.add_argument("--reward", default=d.reward, metavar="NAME", help=f"one of {', '.join(REWARDS)}")
@@ -332,11 +340,17 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    from megatie.trainer import Trainer  # torch and transformers: only once the flags are known to be good
+    from megatie.trainer import (
+        Trainer,  # torch and transformers: only once the flags are known to be good
+    )
 
     if not cfg.deepspeed:
         return Trainer(cfg).train()
-    from megatie.distributed import failures_as_errors, init_deepspeed_distributed, shutdown_distributed
+    from megatie.runtime.distributed import (
+        failures_as_errors,
+        init_deepspeed_distributed,
+        shutdown_distributed,
+    )
 
     sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
     try:

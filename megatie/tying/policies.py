@@ -14,12 +14,13 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from megatie.agent import AgentConfig, QLearningAgent
-# Policy names and descriptions are defined torch-free (for the launcher's parser) and re-exported here.
-from megatie.choices import GROW_LAYOUTS, POLICIES  # noqa: F401
 from megatie.errors import ConfigError
-from megatie.gradient_probe import cosine, group_conflict
-from megatie.state import (
+from megatie.tying.agent import AgentConfig, QLearningAgent
+from megatie.tying.gradient_probe import cosine, group_conflict
+
+# Policy names and descriptions are defined torch-free (for the launcher's parser) and re-exported here.
+from megatie.tying.options import GROW_LAYOUTS, POLICIES  # noqa: F401
+from megatie.tying.tie_map import (
     action_for_state,
     all_tied_state,
     groups,
@@ -251,7 +252,7 @@ class ReplayPolicy(TyingPolicy):
 class SplitPolicy(TyingPolicy):
     """Adapts to the data: every block starts on block 0's weights; at each decision, while the parameter
     budget allows one more independent block, the group whose members' gradients disagree most (measured
-    by ``megatie.gradient_probe`` on a probe batch) is split in two.
+    by ``megatie.tying.gradient_probe`` on a probe batch) is split in two.
 
     The split is seeded by the group's root and the member whose gradient is least aligned with the
     root's; every other member goes with whichever seed its gradient is closer to, so the gradients, not

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from megatie.distributed import param_checksum
-from megatie.tying import count_parameters, unique_parameters
+from megatie.runtime.distributed import param_checksum
+from megatie.tying.layers import count_parameters, unique_parameters
 
 
 def run_summary(trainer, memory: dict, final_val: dict) -> dict:

@@ -26,11 +26,17 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-# The mode names are defined torch-free (for the launcher's parser) and re-exported here.
-from megatie.choices import TIE_MODES  # noqa: F401
 from megatie.errors import ConfigError
 from megatie.kernels import multi_tensor_copy_
-from megatie.state import Transition, num_independent, transition, validate_state
+
+# The mode names are defined torch-free (for the launcher's parser) and re-exported here.
+from megatie.tying.options import TIE_MODES  # noqa: F401
+from megatie.tying.tie_map import (
+    Transition,
+    num_independent,
+    transition,
+    validate_state,
+)
 
 # Where the stack of identical blocks lives in common transformers classes (newer releases moved
 # some; the first path that exists wins).

@@ -24,7 +24,6 @@ from torch.func import functional_call
 
 from megatie.errors import ConfigError
 
-
 EXACT_LIMIT_BYTES = 512 * 2**20
 SKETCH_DIM = 2**16
 

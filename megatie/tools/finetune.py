@@ -20,15 +20,21 @@ from dataclasses import asdict
 import torch
 
 from megatie.config import FinetuneConfig
+from megatie.data.labeled import Examples, check_classes, load_examples
 from megatie.errors import ConfigError
-from megatie.export import TIE_STATE_KEY
-from megatie.labeled import Examples, check_classes, load_examples
+from megatie.tools.export import TIE_STATE_KEY
 
 
 def load_backbone(source: str, checkpoint: str = "best"):
     """``(config, weights, tie_state, tokenizer_dir)`` of a run directory or a megatie export;
     ``weights`` name every tensor of a GPT-2 LM, a tied block's taken from its root."""
-    from megatie.export import COMPACT_MAP, is_run_dir, load_compact, load_run, untied_state_dict
+    from megatie.tools.export import (
+        COMPACT_MAP,
+        is_run_dir,
+        load_compact,
+        load_run,
+        untied_state_dict,
+    )
 
     if is_run_dir(source):
         model, tying, settings = load_run(source, checkpoint)
@@ -57,7 +63,7 @@ def build_classifier(lm_config, weights: dict, state: list[int], class_values: l
     """``(model, tying)``: GPT-2 with a classification head, the backbone's weights, re-tied to ``state``."""
     from transformers import GPT2ForSequenceClassification
 
-    from megatie.tying import LayerTying
+    from megatie.tying.layers import LayerTying
 
     config = lm_config.__class__.from_dict(lm_config.to_dict())
     config.num_labels = len(class_values)
@@ -107,8 +113,8 @@ def accuracy(model, ids, labels: torch.Tensor, batch_size: int, pad_id: int) -> 
 def finetune(cfg: FinetuneConfig, examples: tuple[Examples, Examples] | None = None) -> dict:
     """Fine-tune, write the result to ``cfg.out_dir`` and return the summary (also ``finetune.json``).
     ``examples``: ``(train, held_out)`` as ``load_examples(cfg)`` gives them, if the caller has read them."""
-    from megatie.export import write_into
-    from megatie.inference import tokenizer_in
+    from megatie.tools.export import write_into
+    from megatie.tools.inference import tokenizer_in
 
     cfg.validate()
     train_set, held_set = examples or load_examples(cfg)  # every row checked before the model loads
@@ -161,9 +167,9 @@ def _train(model, cfg: FinetuneConfig, train_ids, train_y, held_ids, held_y, pad
 def _write_result(model, tying, tokenizer_dir: str, summary: dict, tmp: str) -> None:
     from transformers import GPT2ForSequenceClassification
 
-    from megatie.export import untied_state_dict
-    from megatie.hf_tokenizer import export_tokenizer
-    from megatie.metrics import MetricsLogger
+    from megatie.data.hf_tokenizer import export_tokenizer
+    from megatie.metrics.logger import MetricsLogger
+    from megatie.tools.export import untied_state_dict
 
     export_tokenizer(tokenizer_dir, tmp)
     model.config._attn_implementation = None  # let the loading side choose its attention kernel

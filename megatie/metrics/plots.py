@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from megatie.errors import ConfigError  # noqa: E402
-from megatie.state import num_independent  # noqa: E402
+from megatie.tying.tie_map import num_independent  # noqa: E402
 
 
 def load_run(run_dir: str) -> dict:
@@ -46,7 +46,7 @@ def load_run(run_dir: str) -> dict:
 
 def initial_roots(config: dict, summary: dict) -> list[int]:
     """Blocks with trainable weights of their own before the first decision."""
-    from megatie.policies import build_policy
+    from megatie.tying.policies import build_policy
 
     L = summary["n_layer"]
     try:

@@ -182,7 +182,7 @@ def _end_with_launcher() -> None:
     global _WATCHER
     if _WATCHER is not None or sys.platform != "linux":
         return
-    from megatie.runlock import process_start_time
+    from megatie.runtime.runlock import process_start_time
 
     watched = {pid: process_start_time(pid) for pid in _launcher_chain()}
 

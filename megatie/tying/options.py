@@ -1,0 +1,55 @@
+"""The tying choices the launcher flags accept, as plain data (no torch): building the argument parser
+and validating a config import only this, so ``--help`` and a mistyped flag answer at once.
+
+``POLICIES`` describes every policy by name: what ``--help`` shows and what a run must provide for it.
+``megatie.tying.policies.POLICY_REGISTRY`` builds each (a test checks that both name the same policies);
+no module outside ``megatie.tying`` branches on a policy's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    help: str
+    ties: bool = True               # False: every block keeps its own weights (one block is enough)
+    needs_reference: bool = False   # a finished run to follow (--reference-run) unless told otherwise
+    takes_budget: bool = False      # spends --param-budget (and measures gradients: shared mode only)
+    sets_depth: bool = False        # decides the number of blocks itself (--vanilla-layers / the reference's)
+
+
+POLICIES: dict[str, PolicyInfo] = {
+    "conventional": PolicyInfo("no tying: every block trains its own weights", ties=False),
+    "qlearning": PolicyInfo("the paper's Q-learning agent (frozen start, eps-greedy, TD updates), as published"),
+    "vanilla": PolicyInfo("(i) conventional with as many blocks as the reference run ended with", ties=False,
+                          sets_depth=True),
+    "static": PolicyInfo("(ii) the reference run's final tie map (or --static-state) from the start",
+                         needs_reference=True),
+    "replay-permuted": PolicyInfo("(iii) the reference run's states under a fixed permutation of blocks",
+                                  needs_reference=True),
+    "replay": PolicyInfo("(iv) the reference run's states, replayed without Q", needs_reference=True),
+    "replicate-only": PolicyInfo("(v) replicate weights at decisions but never tie"),
+    "all-trainable": PolicyInfo("(vi) Q-learning with every block trainable at init (no frozen phase)"),
+    "cycle": PolicyInfo("(vii) block L/2+i tied to block i"),
+    "cycle-rev": PolicyInfo("(viii) block i >= L/2 tied to block L-1-i"),
+    "sequence": PolicyInfo("(ix) block 2m+1 tied to block 2m"),
+    "alternate": PolicyInfo("block i tied to block i mod 2 (two independent blocks)"),
+    "split": PolicyInfo("the default; adapts to the data: all blocks share block 0, then, while --param-budget "
+                        "allows, the group whose members' gradients disagree most is split in two at each decision",
+                        takes_budget=True),
+    "grow": PolicyInfo("all blocks share block 0's weights, then split into --grow-final groups (--grow-layout) "
+                       "in equal stages after --grow-start of training (no learning)"),
+}
+DEFAULT_POLICY = "split"
+
+GROW_LAYOUTS = ("contiguous", "cyclic")
+
+# Q-learning agent options (see ``megatie.tying.agent``).
+REWARDS = ("neg-ppl", "neg-loss", "loss-drop")
+REWARD_NORMS = ("none", "running")
+MOVES = ("vector", "local")
+
+# How a tied member holds its root's weights (see ``megatie.tying.layers``).
+TIE_MODES = ("shared", "frozen-replica")
