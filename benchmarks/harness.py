@@ -140,7 +140,7 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
             "avg_tensor_bytes": int(sum(sum(s) for s in samples) / max(sum(len(s) for s in samples), 1)),
             "max_transient_over_state": max((d["regroup_transient_bytes"] / d["optimizer_state_bytes"]
                                              for d in regroups), default=None),
-            "activation_checkpointing": trainer.cfg.activation_checkpointing,
+            "activation_checkpointing": trainer.cfg.engine.activation_checkpointing,
             "world_size": sync.world_size, "device": str(sync.device),
             "device_name": torch.cuda.get_device_name(sync.device) if sync.device.type == "cuda" else "cpu",
         }

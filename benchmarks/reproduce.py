@@ -174,9 +174,9 @@ def full_corpus_tokenizer(opts) -> list[str]:
     for path in opts.train_file:
         with open(path, encoding="utf-8") as f:
             lines += [line.rstrip("\n") for line in f if line.strip()]
-    cfg = TrainConfig(preset=opts.preset).resolved()  # the vocabulary and cache the launcher would use
-    vocab = int(opts.extra[opts.extra.index("--vocab-size") + 1]) if "--vocab-size" in opts.extra else cfg.vocab_size
-    return ["--tokenizer", str(train_sentencepiece(lines, vocab, cfg.cache_dir).model_file)]
+    cfg = TrainConfig.from_flat(preset=opts.preset).resolved()  # the vocabulary and cache the launcher would use
+    vocab = int(opts.extra[opts.extra.index("--vocab-size") + 1]) if "--vocab-size" in opts.extra else cfg.model.vocab_size
+    return ["--tokenizer", str(train_sentencepiece(lines, vocab, cfg.data.cache_dir).model_file)]
 
 
 def command(opts, name: str, seed: int) -> list[str]:

@@ -26,7 +26,7 @@ _LAZY = {
     "count_parameters": "megatie.tying.layers",
     "QLearningAgent": "megatie.tying.agent",
     "QNetwork": "megatie.tying.agent",
-    "build_policy": "megatie.tying.policies",
+    "build_policy": "megatie.tying.registry",
     "TieController": "megatie.tying.controller",
     "regroup_optimizer": "megatie.engines.optim",
     "TrainConfig": "megatie.config",

@@ -1,30 +1,334 @@
-"""One config dataclass for a training run, its presets (``megatie.presets``) and its validation.
+"""A run's settings: plain data in sections, resolved once, never changed afterwards.
 
-The launcher flags fill ``TrainConfig``; they are the single source of truth for model size,
-micro-batch and learning rate (DeepSpeed JSON files hold engine settings only).
+``TrainConfig`` has one frozen section per concern - ``run``, ``model``, ``data``, ``optim``, ``tying``,
+``agent``, ``engine`` - as the flags fill them (``megatie.tools.train_cli``). The launcher flags are the
+one source of truth for model size, micro-batch and learning rate; DeepSpeed JSON files hold engine
+settings only. Outside the sections every setting also has one *flat* name, its flag's (``--n-layer`` is
+``n_layer``, ``--agent-lr`` is ``agent_lr``, the family is ``model``): checkpoints, ``config.json`` and
+``--allow-changed`` speak those names.
+
+``resolved()`` fills what was left unset (presets, the family's adjustments, derived defaults, the
+DeepSpeed file's content) and validates, once. What the run learns later - the vocabulary a tokenizer
+ended with, an image set's classes and shape, the blocks a policy trains - is a ``RunFacts`` record beside
+the config, never written back into it; ``config.json`` holds both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-# Plain data, so building the parser and validating a config import no torch; PRESETS is re-exported.
-from megatie.errors import ConfigError
+from megatie.errors import CheckpointError, ConfigError
 from megatie.models import MODEL_FAMILIES
 from megatie.presets import PRESETS
 from megatie.tying.options import (
+    DEFAULT_POLICY,
     GROW_LAYOUTS,
     MOVES,
     POLICIES,
     REWARD_NORMS,
     REWARDS,
     TIE_MODES,
+    AgentConfig,
 )
 
 LR_SCHEDULES = ("cosine", "constant")
+# The vocabulary padding a run gets unless told, on every device (a run resumes and exports the same
+# on a CPU and a GPU): tensor-core friendly shapes for the embedding and the LM head (GPT-2's 50257
+# becomes nanoGPT's 50304). The SentencePiece sizes the presets, benchmarks and tests use (512, 4096,
+# 8192) are multiples already: their models, losses and parameter counts do not change.
+DEFAULT_PAD_VOCAB_TO = 128
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    out_dir: str = "runs/default"
+    preset: str = "tiny"
+    max_steps: int | None = None
+    seed: int = 1234
+    resume: str | None = None
+    allow_changed: list[str] = field(default_factory=list)  # settings a resumed run may change
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_batches: int | None = 50
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    save_checkpoints: bool = True  # False: no step/best checkpoints (benchmarks)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    # The family is the launcher's (train_gpt2.py, train_llama.py, train_bert.py, train_vit.py); the shape the
+    # preset's (with the family's own adjustments, megatie.models.<family>) or the flags'.
+    family: str = "gpt2"
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    seq_len: int | None = None
+    dropout: float = 0.0
+    vocab_size: int | None = None  # of the tokenizer trained on the corpus (the data may decide otherwise)
+    # The embedding and LM head get rows up to a multiple of this (megatie.models.vocab); the padded ids are
+    # never targets, their logits are masked, exports have the tokenizer's vocabulary. 1: none.
+    pad_vocab_to: int | None = None
+    image_size: int | None = None  # ViT; default: the images' own size (digits: 8), 32 for folders
+    patch_size: int | None = None  # default: image_size / 4, so 16 patches per image
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    dataset_dir: str | None = None
+    data_dir: str | None = None
+    tokenizer: str = "sentencepiece"
+    mask_prob: float = 0.15  # masked LM (BERT): the share of tokens chosen for prediction
+    image_dir: str | None = None  # ViT: a class-per-directory folder; the digits scikit-learn ships if none
+    cache_dir: str = "~/.cache/megatie"
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    batch_size: int | None = None  # micro-batch per rank
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class TyingSettings:
+    tie_policy: str = DEFAULT_POLICY
+    tie_every: int = 15
+    tie_mode: str = "shared"
+    reward: str = "neg-ppl"
+    reward_batch_size: int | None = None
+    reward_delay: bool = False
+    reference_run: str | None = None
+    static_state: list[int] | None = None
+    vanilla_layers: int | None = None
+    # split: the most trainable parameters it may reach, as a fraction of conventional's. Unset: a third,
+    # and never fewer than two independent blocks (megatie.tying.policies.roots_within_budget).
+    param_budget: float | None = None
+    grow_start: float = 0.5
+    grow_final: int | None = None
+    grow_layout: str = "contiguous"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    # DeepSpeed when a config is given (its JSON holds engine settings only), plain torch otherwise. Resolving
+    # reads the file once: its validated content and the precision it selects are recorded with the run.
+    deepspeed: str | None = None
+    deepspeed_config: dict | None = None
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    local_rank: int | None = None  # set by the deepspeed launcher
+    dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
+    peak_tflops: float | None = None  # the GPU's dense peak for MFU; None: looked up from the device name
+    tf32: bool = True  # TF32 matmuls for fp32 runs on CUDA (megatie.engines.speed)
+    compile: bool = False  # torch.compile of each transformer block
+
+
+SECTIONS = {"run": RunSettings, "model": ModelSettings, "data": DataSettings, "optim": OptimSettings,
+            "tying": TyingSettings, "agent": AgentConfig, "engine": EngineSettings}
+# Flat names that differ from the field's: the family is ``model``; the agent's own names get a prefix.
+_RENAMED = {("model", "family"): "model", ("agent", "lr"): "agent_lr", ("agent", "moves"): "agent_moves",
+            ("agent", "hidden"): "agent_hidden"}
+FLAT: dict[str, tuple[str, str]] = {_RENAMED.get((section, f.name), f.name): (section, f.name)
+                                    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run learnt after its config was resolved, recorded beside it (``config.json``'s ``resolved``)."""
+    n_layer: int                     # the blocks trained (ablation (i) decides its own)
+    seq_len: int                     # tokens per example (ViT: patches + [CLS])
+    vocab_size: int | None = None    # the tokenizer's (language models)
+    num_classes: int | None = None   # images
+    num_channels: int | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    tying: TyingSettings = field(default_factory=TyingSettings)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    # Set by resolved() only: every setting filled and validated. A changed copy (replace) is not resolved.
+    is_resolved: bool = field(default=False, compare=False)
+
+    @classmethod
+    def from_flat(cls, settings: dict | None = None, **more) -> "TrainConfig":
+        """A config from settings by their flat names; unknown names are refused."""
+        given = {**(settings or {}), **more}
+        unknown = sorted(set(given) - set(FLAT))
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+        parts: dict[str, dict] = {section: {} for section in SECTIONS}
+        for name, value in given.items():
+            section, key = FLAT[name]
+            parts[section][key] = value
+        return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
+
+    def flat(self) -> dict:
+        """Every setting by its flat name (the flags'), as config.json and checkpoints record them."""
+        return {name: getattr(getattr(self, section), key) for name, (section, key) in FLAT.items()}
+
+    def replace(self, **settings) -> "TrainConfig":
+        """A copy with some settings (flat names) changed; this one stays as it is."""
+        return TrainConfig.from_flat({**self.flat(), **settings})
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.engine.deepspeed_config is not None
+
+    def resolved(self) -> "TrainConfig":
+        """Fill every setting left unset (preset, family, derived defaults, the DeepSpeed file), then validate."""
+        if self.run.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.run.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.model.family not in MODEL_FAMILIES:
+            raise ConfigError(f"unknown model family {self.model.family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
+        from megatie.models import (
+            get_spec,  # plain data: a family module loads transformers only to build
+        )
+
+        spec = get_spec(self.model.family)
+        values = self.flat()
+        for key, value in {**PRESETS[self.run.preset], **spec.presets.get(self.run.preset, {})}.items():
+            if values.get(key) is None:
+                values[key] = value
+        if spec.objective == "image":
+            values["vocab_size"] = None  # classes, not tokens: the data decides (RunFacts.num_classes)
+        elif values["vocab_size"] is None:
+            values["vocab_size"] = 8192
+        _fill(values, "pad_vocab_to", DEFAULT_PAD_VOCAB_TO)
+        if isinstance(values["max_steps"], int):
+            _fill(values, "warmup_steps", min(100, values["max_steps"] // 10))
+            _fill(values, "eval_every", max(1, min(500, values["max_steps"] // 5)))
+        _fill(values, "checkpoint_every", values["eval_every"])
+        _fill(values, "reward_batch_size", values["batch_size"])
+        if values["deepspeed"] is not None or values["deepspeed_config"] is not None:
+            from megatie.engines.ds_config import load_ds_config, precision_of
+
+            source = values["deepspeed"] if values["deepspeed"] is not None else values["deepspeed_config"]
+            values["deepspeed_config"] = load_ds_config(source)
+            values["precision"] = precision_of(values["deepspeed_config"])
+        else:
+            values["precision"] = "fp32"
+        validate(SimpleNamespace(**values))
+        return dataclasses.replace(TrainConfig.from_flat(values), is_resolved=True)
+
+
+def _fill(values: dict, key: str, default) -> None:
+    if values[key] is None:
+        values[key] = default
+
+
+def validate(s) -> None:
+    """Refuse settings (flat names, every one filled) that cannot run, each in one line."""
+    if s.model not in MODEL_FAMILIES:
+        raise ConfigError(f"unknown model family {s.model!r}; choose one of {', '.join(MODEL_FAMILIES)}")
+    positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
+                "tie_every", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "reward_batch_size", "pad_vocab_to"]
+    for name in positive:
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if not (0 <= s.adam_beta1 < 1 and 0 <= s.adam_beta2 < 1 and s.adam_eps > 0):
+        raise ConfigError(f"Adam settings out of range: betas ({s.adam_beta1}, {s.adam_beta2}) must be in "
+                          f"[0, 1) and eps ({s.adam_eps}) positive")
+    if s.peak_tflops is not None and not s.peak_tflops > 0:
+        raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
+    if not isinstance(s.dist_timeout_s, int) or s.dist_timeout_s < 1:
+        raise ConfigError(f"--dist-timeout-s must be a positive number of seconds, got {s.dist_timeout_s!r}")
+    if s.n_embd % s.n_head:
+        raise ConfigError(f"--n-embd ({s.n_embd}) must be divisible by --n-head ({s.n_head})")
+    if s.vocab_size is not None and s.vocab_size < 16:
+        raise ConfigError(f"--vocab-size must be at least 16, got {s.vocab_size}")
+    if not 0 < s.mask_prob < 1:
+        raise ConfigError(f"--mask-prob must be in (0, 1), got {s.mask_prob}")
+    _validate_images(s)
+    if not s.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {s.lr}")
+    if not 0 <= s.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {s.dropout}")
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule must be 'cosine' or 'constant', got {s.lr_schedule!r}")
+    if s.tie_policy not in POLICIES:
+        raise ConfigError(f"unknown --tie-policy {s.tie_policy!r}; choose one of {', '.join(POLICIES)}")
+    if s.tie_mode not in TIE_MODES:
+        raise ConfigError(f"unknown --tie-mode {s.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
+    if s.reward not in REWARDS:
+        raise ConfigError(f"unknown --reward {s.reward!r}; choose one of {', '.join(REWARDS)}")
+    if s.reward_norm not in REWARD_NORMS:
+        raise ConfigError(f"unknown --reward-norm {s.reward_norm!r}; choose one of {', '.join(REWARD_NORMS)}")
+    if s.target_sync < 0 or s.switch_cost < 0 or s.keep_margin < 0:
+        raise ConfigError("--target-sync, --switch-cost and --keep-margin must be non-negative")
+    if s.agent_moves not in MOVES:
+        raise ConfigError(f"unknown --agent-moves {s.agent_moves!r}; choose one of {', '.join(MOVES)}")
+    if not 0 <= s.grow_start < 1:
+        raise ConfigError(f"--grow-start must be in [0, 1), got {s.grow_start}")
+    if s.grow_layout not in GROW_LAYOUTS:
+        raise ConfigError(f"unknown --grow-layout {s.grow_layout!r}; choose contiguous or cyclic")
+    info = POLICIES[s.tie_policy]
+    if s.param_budget is not None and not info.takes_budget:
+        spenders = ", ".join(name for name, p in POLICIES.items() if p.takes_budget)
+        raise ConfigError(f"--param-budget is for --tie-policy {spenders} (the other policies fix their structure "
+                          "or learn it from a reward)")
+    if s.param_budget is not None and not 0 < s.param_budget <= 1:
+        raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {s.param_budget}")
+    if info.takes_budget and s.tie_mode != "shared":
+        default = " (the default)" if s.tie_policy == DEFAULT_POLICY else ""
+        raise ConfigError(f"--tie-policy {s.tie_policy}{default} measures each block's gradient: it needs "
+                          "--tie-mode shared; with frozen-replica choose another policy (e.g. alternate)")
+    if s.grow_final is not None and not 1 <= s.grow_final <= s.n_layer:
+        raise ConfigError(f"--grow-final must be in 1..{s.n_layer}, got {s.grow_final}")
+    if info.ties and s.n_layer < 2:
+        raise ConfigError("layer tying needs at least 2 blocks (--n-layer >= 2)")
+    if s.train_files and s.dataset:
+        raise ConfigError("give either --train-file or --dataset, not both")
+    if s.valid_files and not (s.train_files or s.dataset):
+        raise ConfigError("--valid-file needs --train-file (or --dataset) too")
+    if s.image_dir and s.model != "vit":
+        raise ConfigError("--image-dir is for image models (train_vit.py)")
+    if s.dataset_dir and s.dataset != "lm1b":
+        raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
+                          "--dataset lm1b")
+
+def _validate_images(s) -> None:
+    for name in ("image_size", "patch_size"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if s.image_size and s.patch_size and s.image_size % s.patch_size:
+        raise ConfigError(f"--patch-size ({s.patch_size}) must divide --image-size ({s.image_size})")
+    if s.model == "vit" and (s.train_files or s.valid_files or s.dataset_dir):
+        raise ConfigError("train_vit.py reads images: use --image-dir DIR (one directory per class) or "
+                          "--dataset NAME (a Hugging Face image dataset), not text files")
+
+
+
+
+# ---------------------------------------------------------------------- a run's settings, as recorded
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
 STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "pad_vocab_to", "num_classes",
               "image_size", "patch_size", "tie_policy", "tie_mode", "tie_every")
@@ -38,232 +342,56 @@ FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every",
                   "tf32", "compile"})
 # What a checkpoint written before a setting existed ran with (its settings lack the key).
 BEFORE_SETTING = {"pad_vocab_to": 1}
-# The vocabulary padding a run gets unless told, on every device (a run resumes and exports the same
-# on a CPU and a GPU): tensor-core friendly shapes for the embedding and the LM head (GPT-2's 50257
-# becomes nanoGPT's 50304). The SentencePiece sizes the presets, benchmarks and tests use (512, 4096,
-# 8192) are multiples already: their models, losses and parameter counts do not change.
-DEFAULT_PAD_VOCAB_TO = 128
 
 
-@dataclass
-class TrainConfig:
-    # run
-    out_dir: str = "runs/default"
-    preset: str = "tiny"
-    max_steps: int | None = None
-    seed: int = 1234
-    resume: str | None = None
-    # Settings a resumed run may change from its checkpoint's (megatie.checkpoint.resume says which need it).
-    allow_changed: list[str] = field(default_factory=list)
-    # model: the family is the launcher's (train_gpt2.py, train_llama.py, train_bert.py, train_vit.py), the
-    # shape the preset's (with the family's own adjustments, megatie.models.<family>) or the flags'
-    model: str = "gpt2"
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    seq_len: int | None = None
-    dropout: float = 0.0
-    # optimisation
-    batch_size: int | None = None  # micro-batch per rank
-    grad_accum: int = 1
-    lr: float | None = None
-    min_lr_ratio: float = 0.1
-    lr_schedule: str = "cosine"
-    warmup_steps: int | None = None
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    # engine: DeepSpeed when a config is given (its JSON holds engine settings only), plain torch otherwise
-    deepspeed: str | None = None
-    # Derived by resolved(), recorded in config.json: the DeepSpeed config's validated content and the
-    # precision it selects ("fp32" without DeepSpeed). Not settings of their own.
-    deepspeed_config: dict | None = None
-    precision: str = "fp32"
-    activation_checkpointing: bool = False
-    local_rank: int | None = None  # set by the deepspeed launcher
-    dist_timeout_s: int = 600  # a collective that waits longer ends the run with an error, never a hang
-    peak_tflops: float | None = None  # the GPU's dense peak for MFU; None: looked up from the device name
-    # speed (megatie.engines.speed): TF32 matmuls for fp32 runs on CUDA; each block compiled with torch.compile
-    tf32: bool = True
-    compile: bool = False
-    # tying
-    # Chosen by its worst corpus among the policies within a third of conventional's trainable parameters
-    # (benchmarks/RESULTS.md §15); the paper's agent is kept as `qlearning`.
-    tie_policy: str = "split"
-    tie_every: int = 15
-    tie_mode: str = "shared"
-    reward: str = "neg-ppl"
-    reward_batch_size: int | None = None
-    reference_run: str | None = None
-    static_state: list[int] | None = None
-    vanilla_layers: int | None = None
-    agent_lr: float = 1e-3
-    gamma: float = 0.99
-    eps_decay: float = 0.95
-    eps_min: float = 0.1
-    reward_norm: str = "none"
-    target_sync: int = 0
-    switch_cost: float = 0.0
-    agent_moves: str = "vector"
-    keep_margin: float = 0.0
-    reward_delay: bool = False
-    grow_start: float = 0.5
-    grow_final: int | None = None
-    grow_layout: str = "contiguous"
-    # split: the most trainable parameters it may reach, as a fraction of conventional's. Unset: a third,
-    # and never fewer than two independent blocks (see megatie.tying.policies.roots_within_budget).
-    param_budget: float | None = None
-    # data
-    train_files: list[str] = field(default_factory=list)
-    valid_files: list[str] = field(default_factory=list)
-    dataset: str | None = None
-    dataset_dir: str | None = None
-    data_dir: str | None = None
-    tokenizer: str = "sentencepiece"
-    vocab_size: int | None = None
-    # The model's embedding and LM head get rows up to a multiple of this (megatie.models.vocab); the padded
-    # ids are never targets, their logits are masked, exports have the tokenizer's vocabulary. 1: none.
-    pad_vocab_to: int | None = None
-    mask_prob: float = 0.15  # masked LM (BERT): the share of tokens chosen for prediction
-    # images (ViT): a class-per-directory folder, or the digits scikit-learn ships when none is given
-    image_dir: str | None = None
-    image_size: int | None = None  # default: the images' own size (digits: 8), 32 for folders
-    patch_size: int | None = None  # default: image_size / 4, so 16 patches per image
-    # Derived from the data, recorded in config.json: classes and channels of the images.
-    num_classes: int | None = None
-    num_channels: int | None = None
-    cache_dir: str = "~/.cache/megatie"
-    # logging and evaluation
-    log_every: int = 10
-    eval_every: int | None = None
-    eval_batches: int | None = 50
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
-    save_checkpoints: bool = True  # False: no step/best checkpoints (benchmarks)
-    progress: bool = True
+def recorded_settings(cfg: TrainConfig, facts: RunFacts) -> dict:
+    """The run as it ran, by flat name: every setting, with what the run learnt in place of what it was
+    asked (a checkpoint's ``settings``; config.json adds the learnt part again as ``resolved``)."""
+    return {**cfg.flat(), **facts.as_dict()}
 
-    def resolved(self) -> "TrainConfig":
-        """Fill preset defaults for every field left unset, then validate."""
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        values = dataclasses.asdict(self)
-        from megatie.models import (
-            get_spec,  # plain data: a family module loads transformers only to build
-        )
 
-        spec = get_spec(self.model)
-        for key, value in {**PRESETS[self.preset], **spec.presets.get(self.preset, {})}.items():
-            if values.get(key) is None:
-                values[key] = value
-        if spec.objective == "image":
-            values["vocab_size"] = None  # classes, not tokens: the data decides (num_classes)
-        elif values["vocab_size"] is None:
-            values["vocab_size"] = 8192
-        if values["pad_vocab_to"] is None:
-            values["pad_vocab_to"] = DEFAULT_PAD_VOCAB_TO
-        cfg = TrainConfig(**values)
-        if cfg.warmup_steps is None:
-            cfg.warmup_steps = min(100, cfg.max_steps // 10)
-        if cfg.eval_every is None:
-            cfg.eval_every = max(1, min(500, cfg.max_steps // 5))
-        if cfg.checkpoint_every is None:
-            cfg.checkpoint_every = cfg.eval_every
-        if cfg.reward_batch_size is None:
-            cfg.reward_batch_size = cfg.batch_size
-        if cfg.deepspeed is not None or cfg.deepspeed_config is not None:
-            from megatie.engines.ds_config import load_ds_config, precision_of
+def config_record(cfg: TrainConfig, facts: RunFacts) -> dict:
+    """What ``config.json`` holds: every setting by its flat name, the sections they belong to, and the
+    record of what was learnt after resolving."""
+    sections = {name: sorted(n for n, (s, _) in FLAT.items() if s == name) for name in SECTIONS}
+    return {**recorded_settings(cfg, facts), "resolved": facts.as_dict(), "sections": sections}
 
-            cfg.deepspeed_config = load_ds_config(cfg.deepspeed if cfg.deepspeed is not None else cfg.deepspeed_config)
-            cfg.precision = precision_of(cfg.deepspeed_config)
-        else:
-            cfg.precision = "fp32"
-        cfg.validate()
-        return cfg
 
-    @property
-    def uses_deepspeed(self) -> bool:
-        return self.deepspeed_config is not None
+def adopt_unset(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """``cfg`` with every setting the command line left unset (None: sizes, lr, max-steps, warmup...)
+    taken from the checkpoint, so that ``--resume auto`` alone continues the run as it was and a
+    flag given is a change (which ``check_settings`` then refuses unless allowed)."""
+    values, saved = cfg.flat(), {**BEFORE_SETTING, **saved}
+    for key, value in values.items():
+        if value is None and key not in FREE and saved.get(key) is not None:
+            values[key] = saved[key]
+    return TrainConfig.from_flat(values)
 
-    def validate(self) -> None:
-        if self.model not in MODEL_FAMILIES:
-            raise ConfigError(f"unknown model family {self.model!r}; choose one of {', '.join(MODEL_FAMILIES)}")
-        positive = ["n_layer", "n_embd", "n_head", "seq_len", "batch_size", "grad_accum", "max_steps",
-                    "tie_every", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "reward_batch_size", "pad_vocab_to"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
-            raise ConfigError(f"Adam settings out of range: betas ({self.adam_beta1}, {self.adam_beta2}) must be in "
-                              f"[0, 1) and eps ({self.adam_eps}) positive")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
-        if not isinstance(self.dist_timeout_s, int) or self.dist_timeout_s < 1:
-            raise ConfigError(f"--dist-timeout-s must be a positive number of seconds, got {self.dist_timeout_s!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if self.vocab_size is not None and self.vocab_size < 16:
-            raise ConfigError(f"--vocab-size must be at least 16, got {self.vocab_size}")
-        if not 0 < self.mask_prob < 1:
-            raise ConfigError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
-        self._validate_images()
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.tie_policy not in POLICIES:
-            raise ConfigError(f"unknown --tie-policy {self.tie_policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.tie_mode not in TIE_MODES:
-            raise ConfigError(f"unknown --tie-mode {self.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
-        if self.reward not in REWARDS:
-            raise ConfigError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
-        if self.reward_norm not in REWARD_NORMS:
-            raise ConfigError(f"unknown --reward-norm {self.reward_norm!r}; choose one of {', '.join(REWARD_NORMS)}")
-        if self.target_sync < 0 or self.switch_cost < 0 or self.keep_margin < 0:
-            raise ConfigError("--target-sync, --switch-cost and --keep-margin must be non-negative")
-        if self.agent_moves not in MOVES:
-            raise ConfigError(f"unknown --agent-moves {self.agent_moves!r}; choose one of {', '.join(MOVES)}")
-        if not 0 <= self.grow_start < 1:
-            raise ConfigError(f"--grow-start must be in [0, 1), got {self.grow_start}")
-        if self.grow_layout not in GROW_LAYOUTS:
-            raise ConfigError(f"unknown --grow-layout {self.grow_layout!r}; choose contiguous or cyclic")
-        if self.param_budget is not None and self.tie_policy != "split":
-            raise ConfigError("--param-budget is for --tie-policy split (the other policies fix their structure "
-                              "or learn it from a reward)")
-        if self.param_budget is not None and not 0 < self.param_budget <= 1:
-            raise ConfigError(f"--param-budget must be a fraction in (0, 1], got {self.param_budget}")
-        if self.tie_policy == "split" and self.tie_mode != "shared":
-            raise ConfigError("--tie-policy split (the default) measures each block's gradient: it needs "
-                              "--tie-mode shared; with frozen-replica choose another policy (e.g. alternate)")
-        if self.grow_final is not None and not 1 <= self.grow_final <= self.n_layer:
-            raise ConfigError(f"--grow-final must be in 1..{self.n_layer}, got {self.grow_final}")
-        if self.tie_policy not in ("conventional", "vanilla") and self.n_layer < 2:
-            raise ConfigError("layer tying needs at least 2 blocks (--n-layer >= 2)")
-        if self.train_files and self.dataset:
-            raise ConfigError("give either --train-file or --dataset, not both")
-        if self.valid_files and not (self.train_files or self.dataset):
-            raise ConfigError("--valid-file needs --train-file (or --dataset) too")
-        if self.image_dir and self.model != "vit":
-            raise ConfigError("--image-dir is for image models (train_vit.py)")
-        if self.dataset_dir and self.dataset != "lm1b":
-            raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
-                              "--dataset lm1b")
 
-    def _validate_images(self) -> None:
-        for name in ("image_size", "patch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.image_size and self.patch_size and self.image_size % self.patch_size:
-            raise ConfigError(f"--patch-size ({self.patch_size}) must divide --image-size ({self.image_size})")
-        if self.model == "vit" and (self.train_files or self.valid_files or self.dataset_dir):
-            raise ConfigError("train_vit.py reads images: use --image-dir DIR (one directory per class) or "
-                              "--dataset NAME (a Hugging Face image dataset), not text files")
+def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:
+    """``{setting: [checkpoint's, this run's]}`` for every allowed change; raise for any other."""
+    saved = {**BEFORE_SETTING, **saved}
+    unknown = sorted(set(allowed) - set(current))
+    if unknown:
+        raise ConfigError(f"--allow-changed names unknown setting(s) {', '.join(unknown)}")
+    changed = {k: [saved[k], current[k]] for k in current
+               if k in saved and k not in FREE and _normal(saved[k]) != _normal(current[k])}
+    for key in STRUCTURAL:
+        if key in changed:
+            old, new = changed[key]
+            raise CheckpointError(f"checkpoint was made with {key}={old!r}, this run has {new!r}; the model and "
+                                  "its tie structure cannot change on resume")
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise CheckpointError(f"this run changes settings of the checkpoint ({listed}); to resume with the new "
+                              f"values pass --allow-changed {','.join(refused)}")
+    return changed
+
+
+def _normal(value):
+    """Lists and tuples compare equal (a checkpoint stores lists)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Read top to bottom: ``Trainer.__init__`` builds everything (resuming if asked), ``train()`` runs
 the schedule and writes ``summary.json``. The optimisation itself lives in an *engine* built by
 ``megatie.engines.build_engine``: plain torch in one process (the reference) or DeepSpeed ZeRO on
-any number of ranks; both expose ``train_step``, ``regroup``, ``lr``, ``state_dict``,
-``save_checkpoint``. Ranks agree through ``megatie.runtime.distributed.RankSync``.
+any number of ranks, both implementing ``megatie.engines.protocol.Engine``. Ranks agree through
+``megatie.runtime.distributed.RankSync``.
 """
 
 from __future__ import annotations
@@ -14,47 +14,45 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
 
 from megatie.checkpoint.resume import (
-    adopt_unset,
-    check_engine,
-    check_max_steps,
-    check_settings,
-    check_timeline,
-    choose_checkpoint,
-    set_aside_damaged,
+    check_checkpoint_fits,
+    open_checkpoint,
     truncate_metrics,
 )
-from megatie.checkpoint.store import (
-    load_checkpoint,
-    load_model_tensors,
-    prune_checkpoints,
-    step_name,
+from megatie.checkpoint.store import load_model_tensors, prune_checkpoints, step_name
+from megatie.config import (
+    RunFacts,
+    TrainConfig,
+    adopt_unset,
+    check_settings,
+    config_record,
+    recorded_settings,
 )
-from megatie.config import TrainConfig
 from megatie.data.prefetch import StepPrefetcher
 from megatie.engines import build_engine
 from megatie.engines.speed import prepare_for_speed
-from megatie.errors import CheckpointError, ConfigError, DivergedError
+from megatie.errors import CheckpointError, DivergedError
 from megatie.metrics.flops import mfu, model_flops_per_token, peak_flops
 from megatie.metrics.logger import MetricsLogger
 from megatie.metrics.memory import MemoryMonitor
 from megatie.metrics.step_losses import PendingLosses
 from megatie.metrics.summary import run_summary
+from megatie.models import get_spec
 from megatie.models.objectives import model_inputs_on, objective_for
 from megatie.models.vocab import build_lm
 from megatie.runtime.atomic import replace_dir, write_json_atomic
 from megatie.runtime.distributed import RankSync
 from megatie.runtime.interrupts import raise_if_requested
-from megatie.tying.agent import AgentConfig
 from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
 from megatie.tying.layers import LayerTying, count_parameters
-from megatie.tying.policies import build_policy, load_reference_run, roots_within_budget
+from megatie.tying.options import POLICIES
+from megatie.tying.policies import roots_within_budget
+from megatie.tying.registry import build_policy, load_reference_run, policy_depth
 from megatie.tying.tie_map import num_independent
 
 # Each rank draws its reward batches from its own stream (rank 0's is the single-process one).
@@ -62,91 +60,123 @@ _RANK_STREAM = 7919
 
 
 class Trainer:
+    """Built in the order a run needs its parts: ranks; the checkpoint to resume (read first, so a bad
+    one fails before anything expensive, and so settings left unset continue as it had them); the
+    config, resolved once; the data and what it decides; the model and its ties; the policy and the
+    controller; the starting structure (the policy's, or the checkpoint's); the engine over the
+    trainable tensors that structure leaves; the run directory."""
+
     def __init__(self, cfg: TrainConfig, sync: RankSync | None = None, device: torch.device | None = None,
                  observer=None):
         started = time.perf_counter()
         self.sync = sync or RankSync()
-        rank, world_size = self.rank, self.world_size = self.sync.rank, self.sync.world_size
+        self.rank, self.world_size = self.sync.rank, self.sync.world_size
+        self.is_main = self.rank == 0
         self.device = device or self.sync.device
-        # Read the checkpoint first: a bad one fails before any expensive setup, and settings left
-        # unset on the command line continue as the checkpoint had them.
-        checkpoint = self._open_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None
-        if checkpoint is not None:
-            cfg = adopt_unset(cfg, checkpoint[2]["settings"])
-        reference = load_reference_run(cfg.reference_run) if cfg.reference_run else None
-        if cfg.tie_policy == "vanilla":
-            layers = cfg.vanilla_layers or (reference or {}).get("summary", {}).get("final_independent_layers")
-            if not layers:
-                raise ConfigError("tie policy 'vanilla' needs --vanilla-layers N or --reference-run DIR")
-            cfg.n_layer = int(layers)
-        self.cfg = cfg = cfg.resolved()
-        torch.manual_seed(cfg.seed)
-        if checkpoint is not None:
-            self._check_checkpoint_fits(checkpoint)
-
-        from megatie.models import get_spec
-
-        spec = get_spec(cfg.model)
-        # The objective reads the data and records what it decides (vocabulary, classes, image shape).
-        self.objective = objective_for(spec, cfg)
-        self.data = self.objective.build_data(rank, world_size, self.sync.barrier)
+        checkpoint = self._open_checkpoint(cfg) if cfg.run.resume else None
+        self.cfg = cfg = self._resolve(cfg, checkpoint)
+        torch.manual_seed(cfg.run.seed)
+        reference = load_reference_run(cfg.tying.reference_run) if cfg.tying.reference_run else None
+        self._build_data(reference)
         self.data_setup_s = time.perf_counter() - started   # must not grow with the corpus (no full scan)
-        self.model = build_lm(spec, vars(cfg), seed=cfg.seed, device=self.device, pad_to=cfg.pad_vocab_to)
-        self.tying = LayerTying(self.model, cfg.tie_mode, block_path=spec.block_path)
-        self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
-                                                     cfg.n_layer, cfg.n_embd, cfg.seq_len)
-        self.peak_flops = None  # no MFU on a CPU
-        if self.device.type == "cuda":
-            self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device), cfg.precision, cfg.peak_tflops)
-        agent_config = AgentConfig(gamma=cfg.gamma, lr=cfg.agent_lr, eps_decay=cfg.eps_decay, eps_min=cfg.eps_min,
-                                   reward_norm=cfg.reward_norm, target_sync=cfg.target_sync,
-                                   switch_cost=cfg.switch_cost, moves=cfg.agent_moves,
-                                   keep_margin=cfg.keep_margin)
-        self.policy = build_policy(cfg.tie_policy, cfg.n_layer, seed=cfg.seed, agent_config=agent_config,
-                                   reference=reference, static_state=cfg.static_state,
-                                   total_steps=cfg.max_steps, tie_every=cfg.tie_every,
-                                   grow_start=cfg.grow_start, grow_final=cfg.grow_final,
-                                   grow_layout=cfg.grow_layout, max_roots=self._roots_within_budget())
-        self.controller = TieController(self.tying, self.policy, cfg.tie_every, cfg.reward,
-                                        regroup=lambda plan: self.engine.regroup(plan),
-                                        reward_loss=self._reward_loss, reward_delay=cfg.reward_delay,
-                                        last_step=cfg.max_steps, sync=self.sync,
-                                        gradient_gram=self._gradient_gram)
+        self._build_model()
+        self._build_tying(reference)
+        self._start_structure(checkpoint)
+        self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device, self.facts.vocab_size)
+        self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
+        self.controller.bind_regroup(self.engine.regroup)
+        if checkpoint is not None:
+            # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
+            self.engine.load_state_dict({**checkpoint.optimizer_state, "checkpoint_dir": checkpoint.path})
+        self._open_run_directory(checkpoint)
+        self.setup_s = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ set-up, in order
+    def _open_checkpoint(self, cfg: TrainConfig):
+        checkpoint, skipped = open_checkpoint(cfg.run.resume, cfg.run.out_dir, self.sync)
+        self.resume_record = {"event": "resume", "step": checkpoint.step, "checkpoint": os.path.abspath(checkpoint.path),
+                              "skipped": skipped}
+        return checkpoint
+
+    def _resolve(self, cfg: TrainConfig, checkpoint) -> TrainConfig:
+        """The config this run trains with, resolved once: a resumed run first takes every setting left
+        unset from its checkpoint; an already resolved config (the launcher's) is kept as it is."""
+        if checkpoint is not None:
+            cfg = adopt_unset(cfg, checkpoint.settings)
+        if not cfg.is_resolved or checkpoint is not None:
+            cfg = cfg.resolved()
+        if checkpoint is not None:
+            check_checkpoint_fits(checkpoint, cfg, self.world_size)
+        return cfg
+
+    def _build_data(self, reference) -> None:
+        """The objective reads the data; what it decides (vocabulary, classes, image shape) and the blocks
+        the policy trains are the run's facts, recorded beside the config."""
+        cfg = self.cfg
+        self.spec = get_spec(cfg.model.family)
+        self.objective = objective_for(self.spec, cfg)
+        self.data = self.objective.build_data(self.rank, self.world_size, self.sync.barrier)
+        depth = policy_depth(cfg.tying.tie_policy, cfg.tying.vanilla_layers, reference)
+        self.facts = RunFacts(n_layer=depth or cfg.model.n_layer, **self.objective.learnt())
+        self.settings = recorded_settings(cfg, self.facts)
         # Reward batches come from their own generator so that the training data order is the
         # same for every policy with the same seed.
-        self.reward_generator = torch.Generator().manual_seed(cfg.seed + 1 + _RANK_STREAM * rank)
-        self.loader = self.data.train_loader(cfg.batch_size, cfg.seed, rank, world_size)
+        self.reward_generator = torch.Generator().manual_seed(cfg.run.seed + 1 + _RANK_STREAM * self.rank)
+        self.loader = self.data.train_loader(cfg.optim.batch_size, cfg.run.seed, self.rank, self.world_size)
+
+    def _build_model(self) -> None:
+        cfg, facts = self.cfg, self.facts
+        self.model = build_lm(self.spec, self.settings, seed=cfg.run.seed, device=self.device,
+                              pad_to=cfg.model.pad_vocab_to)
+        self.tying = LayerTying(self.model, cfg.tying.tie_mode, block_path=self.spec.block_path)
+        self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
+                                                     facts.n_layer, cfg.model.n_embd, facts.seq_len)
+        self.peak_flops = None  # no MFU on a CPU
+        if self.device.type == "cuda":
+            self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device), cfg.engine.precision,
+                                         cfg.engine.peak_tflops)
+
+    def _build_tying(self, reference) -> None:
+        cfg = self.cfg
+        tying = cfg.tying
+        self.policy = build_policy(tying.tie_policy, self.facts.n_layer, seed=cfg.run.seed, agent_config=cfg.agent,
+                                   reference=reference, static_state=tying.static_state,
+                                   total_steps=cfg.run.max_steps, tie_every=tying.tie_every,
+                                   grow_start=tying.grow_start, grow_final=tying.grow_final,
+                                   grow_layout=tying.grow_layout, max_roots=self._roots_within_budget())
+        self.controller = TieController(self.tying, self.policy, tying.tie_every, tying.reward,
+                                        reward_loss=self._reward_loss, reward_delay=tying.reward_delay,
+                                        last_step=cfg.run.max_steps, sync=self.sync,
+                                        gradient_gram=self._gradient_gram)
+
+    def _start_structure(self, checkpoint) -> None:
+        """The policy's starting structure, or the checkpoint's with its weights, data position and streams."""
         self.step = 0
         self.pending_losses = PendingLosses()
         self.stats = {"trainable_sum": 0.0, "independent_sum": 0.0, "tokens": 0, "train_time": 0.0,
                       "step_time": 0.0, "regroup_time": 0.0, "regroups": 0, "skipped_steps": 0,
                       "best_val_ppl": math.inf, "test_ppl_at_best_val": None, "val_accuracy_at_best_val": None}
-
         if checkpoint is None:
             self.controller.setup()
         else:
             self._restore_structure(checkpoint)
-        self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device)
-        self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
-        if checkpoint is not None:
-            # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
-            self.engine.load_state_dict({**checkpoint[1], "checkpoint_dir": self.resumed_from})
-        self.is_main = rank == 0
+
+    def _open_run_directory(self, checkpoint) -> None:
+        out_dir = self.cfg.run.out_dir
         if self.is_main and checkpoint is not None:
-            self.resume_record["metrics_rows_dropped"] = truncate_metrics(cfg.out_dir, self.step)
-        self.logger = MetricsLogger(cfg.out_dir, enabled=self.is_main,
+            self.resume_record["metrics_rows_dropped"] = truncate_metrics(out_dir, self.step)
+        self.logger = MetricsLogger(out_dir, enabled=self.is_main,
                                     resumed_step=self.step if checkpoint is not None else None)
         if self.is_main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            write_json_atomic(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+            os.makedirs(out_dir, exist_ok=True)
+            write_json_atomic(os.path.join(out_dir, "config.json"), config_record(self.cfg, self.facts))
             self._save_tokenizer()
             if checkpoint is not None:
                 self.logger.log(self.resume_record, self.step)
-        self.setup_s = time.perf_counter() - started
 
     def _save_tokenizer(self) -> None:
         """The run carries its tokenizer, or its image processor (``megatie export`` and ``eval`` read it)."""
-        final = os.path.join(self.cfg.out_dir, "tokenizer" if self.objective.name != "image" else "image_processor")
+        final = os.path.join(self.cfg.run.out_dir, "tokenizer" if self.objective.name != "image" else "image_processor")
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -155,13 +185,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
     def _reward_loss(self) -> float:
-        if self.cfg.reward == "loss-drop":
+        if self.cfg.tying.reward == "loss-drop":
             # A difference of two losses: on the same batch, batch-to-batch noise cancels. Drawn from
             # its own seed, so a resumed run measures on the same batch.
-            batch = self.data.random_batch("train", self.cfg.reward_batch_size,
-                                           torch.Generator().manual_seed(self.cfg.seed + 2 + _RANK_STREAM * self.rank))
+            batch = self.data.random_batch("train", self.cfg.tying.reward_batch_size,
+                                           torch.Generator().manual_seed(self.cfg.run.seed + 2 + _RANK_STREAM * self.rank))
         else:
-            batch = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
+            batch = self.data.random_batch("train", self.cfg.tying.reward_batch_size, self.reward_generator)
         was_training = self.model.training
         self.model.eval()
         loss = self.objective.evaluate(self.model, [batch], self.device)["loss"]
@@ -170,15 +200,15 @@ class Trainer:
 
     def _gradient_gram(self):
         """Each block's gradient on a probe batch (drawn like the reward's), compared pairwise."""
-        raw = self.data.random_batch("train", self.cfg.reward_batch_size, self.reward_generator)
+        raw = self.data.random_batch("train", self.cfg.tying.reward_batch_size, self.reward_generator)
         inputs = model_inputs_on(self.objective.train_inputs(raw, self.step, 0, self.rank), self.model, self.device)
         return block_gradient_gram(self.model, self.tying, inputs)
 
     def _roots_within_budget(self) -> int | None:
-        if self.cfg.tie_policy != "split":
+        if not POLICIES[self.cfg.tying.tie_policy].takes_budget:
             return None
         per_block = sum(t.numel() for t in self.tying.block_tensors(0))
-        return roots_within_budget(self.cfg.param_budget, self.tying.untied_parameter_count(), per_block,
+        return roots_within_budget(self.cfg.tying.param_budget, self.tying.untied_parameter_count(), per_block,
                                    self.tying.num_blocks)
 
     def evaluate(self, split: str = "valid") -> float:
@@ -188,56 +218,34 @@ class Trainer:
     def evaluate_metrics(self, split: str = "valid") -> dict:
         """Loss, perplexity and (masked LM, images) accuracy over the split."""
         self.model.eval()
-        metrics = self.objective.evaluate(self.model, self.data.eval_batches(split, self.cfg.batch_size,
-                                                                             self.cfg.eval_batches), self.device)
+        metrics = self.objective.evaluate(self.model, self.data.eval_batches(split, self.cfg.optim.batch_size,
+                                                                             self.cfg.run.eval_batches), self.device)
         self.model.train()
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
-    def _open_checkpoint(self, spec: str, out_dir: str):
-        """The checkpoint to resume from, verified; damaged newer ones (auto) are set aside, named."""
-        path, skipped = choose_checkpoint(spec, out_dir, self.sync)
-        if skipped and self.sync.is_main:
-            set_aside_damaged(skipped, lambda line: print(line, file=sys.stderr, flush=True))
-        self.sync.barrier()
-        checkpoint = load_checkpoint(path)
-        self.resumed_from = path
-        self.resume_record = {"event": "resume", "step": int(checkpoint[2]["step"]), "checkpoint": os.path.abspath(path),
-                              "skipped": [os.path.basename(p) for p, _ in skipped]}
-        return checkpoint
-
-    def _check_checkpoint_fits(self, checkpoint) -> None:
-        step, cfg = self.resume_record["step"], self.cfg
-        family = checkpoint[2]["settings"].get("model", "gpt2")  # runs from before families were named: GPT-2
-        if family != cfg.model:
-            raise CheckpointError(f"checkpoint was made with model={family!r}, this run has {cfg.model!r}; the model "
-                                  f"and its tie structure cannot change on resume (use train_{family}.py)")
-        check_engine(checkpoint[1], cfg, self.world_size)
-        check_timeline(self.resumed_from, step, cfg.out_dir)
-        check_max_steps(step, cfg.max_steps)
-
     def _trainer_state(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "loader": self.loader.state_dict(),
                 # Collective: each rank draws reward batches from its own stream, so all are saved.
                 "reward_generators": self.sync.gather(self.reward_generator.get_state()),
                 "torch_rng": torch.get_rng_state(),
                 "stats": {k: (None if v is None else float(v)) for k, v in self.stats.items()},
-                "settings": asdict(self.cfg), "world_size": self.world_size}
+                "settings": self.settings, "world_size": self.world_size}
 
     def save(self, name: str | None = None) -> str:
         """Every rank writes its part (DeepSpeed) or rank 0 writes all (torch); atomically either way."""
         if len(self.pending_losses):
             self.read_losses()
         self._check_finite_weights()
-        root = os.path.join(self.cfg.out_dir, "checkpoints")
+        root = os.path.join(self.cfg.run.out_dir, "checkpoints")
         path = self.engine.save_checkpoint(root, name or step_name(self.step), self.step, self._trainer_state())
         if name is None and self.is_main:
-            prune_checkpoints(root, self.cfg.keep_checkpoints)
+            prune_checkpoints(root, self.cfg.run.keep_checkpoints)
         return path
 
     def _restore_structure(self, checkpoint) -> None:
-        tensors, _, state = checkpoint
-        changed = check_settings(state["settings"], asdict(self.cfg), self.cfg.allow_changed)
+        tensors, state = checkpoint.tensors, checkpoint.trainer_state
+        changed = check_settings(checkpoint.settings, self.settings, self.cfg.run.allow_changed)
         self.resume_record["overrides"] = changed
         if changed and self.sync.is_main:
             print("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
@@ -263,14 +271,14 @@ class Trainer:
     def train(self, until: int | None = None) -> dict:
         """Train to ``max_steps`` (or stop early at step ``until``, as a preempted job would)."""
         cfg = self.cfg
-        stop = min(cfg.max_steps, until) if until is not None else cfg.max_steps
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * self.world_size
+        stop = min(cfg.run.max_steps, until) if until is not None else cfg.run.max_steps
+        tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.facts.seq_len * self.world_size
         monitor = MemoryMonitor(self.device).start()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
+        bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.run.progress),
                    dynamic_ncols=True)
         # Step k+1's inputs are made (and pinned, for a GPU) on a worker thread while step k trains.
         prefetcher = StepPrefetcher(self.loader, lambda raw, step, micro: self.objective.train_inputs(
-            raw, step, micro, self.rank), cfg.grad_accum, pin=self.device.type == "cuda")
+            raw, step, micro, self.rank), cfg.optim.grad_accum, pin=self.device.type == "cuda")
         trainable = count_parameters(self.model)[0]
         last_val = None
         try:
@@ -281,9 +289,9 @@ class Trainer:
                 # The loss stays on the device: reading it would make the host wait for the step.
                 self.pending_losses.add(self.step + 1, self.engine.train_step(batches), self.engine.step_skipped())
                 self.step += 1
-                logs = self.step % cfg.log_every == 0 or self.step == stop
-                evaluates = self.step % cfg.eval_every == 0 or self.step == stop
-                saves = cfg.save_checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == stop)
+                logs = self.step % cfg.run.log_every == 0 or self.step == stop
+                evaluates = self.step % cfg.run.eval_every == 0 or self.step == stop
+                saves = cfg.run.save_checkpoints and (self.step % cfg.run.checkpoint_every == 0 or self.step == stop)
                 if logs or evaluates or saves or self.controller.is_decision_step(self.step):
                     loss = self.read_losses()  # waits for the step: the times below include it
                 self.stats["step_time"] += time.perf_counter() - t0
@@ -317,7 +325,7 @@ class Trainer:
             memory = monitor.stop()
         summary = run_summary(self, memory, last_val if last_val is not None else self.evaluate_metrics("valid"))
         if self.is_main:
-            write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
+            write_json_atomic(os.path.join(cfg.run.out_dir, "summary.json"), summary)
         self.logger.close()
         return summary
 
@@ -358,7 +366,7 @@ class Trainer:
             self.stats["val_accuracy_at_best_val"] = metrics.get("accuracy")
             if "test" in self.data.splits:
                 self.stats["test_ppl_at_best_val"] = row["test_ppl"] = self.evaluate("test")
-            if self.cfg.save_checkpoints:
+            if self.cfg.run.save_checkpoints:
                 self.save("best")
         self.logger.log(row, self.step, prefix="eval/")
         return metrics

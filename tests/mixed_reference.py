@@ -21,11 +21,11 @@ from megatie.tying.layers import unique_parameters
 
 class MixedPrecisionReference:
     def __init__(self, model, cfg, dtype: torch.dtype, loss_scale: float = 1.0):
-        if cfg.grad_clip > 0 or cfg.grad_accum != 1:
+        if cfg.optim.grad_clip > 0 or cfg.optim.grad_accum != 1:
             raise ValueError("the oracle follows DeepSpeed without clipping and with one micro-batch per step")
         self.model, self.cfg, self.scale = model.to(dtype), cfg, loss_scale
         self.masters = {id(p): p.detach().float().clone() for p in self._trainable()}
-        self.optimizer = build_adamw(self._groups(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+        self.optimizer = build_adamw(self._groups(), cfg.optim.lr, (cfg.optim.adam_beta1, cfg.optim.adam_beta2), cfg.optim.adam_eps)
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.regroups = 0
 
@@ -33,7 +33,7 @@ class MixedPrecisionReference:
         return unique_parameters(self.model, trainable_only=True)
 
     def _groups(self) -> list[dict]:
-        groups = [{"params": [], "weight_decay": self.cfg.weight_decay}, {"params": [], "weight_decay": 0.0}]
+        groups = [{"params": [], "weight_decay": self.cfg.optim.weight_decay}, {"params": [], "weight_decay": 0.0}]
         for p in self._trainable():
             groups[decay_group(p)]["params"].append(self.masters[id(p)])
         return [g for g in groups if g["params"]]

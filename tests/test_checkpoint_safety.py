@@ -24,7 +24,7 @@ def config(out_dir, cache_dir, **overrides):
                 batch_size=4, vocab_size=512, max_steps=12, tie_every=4, eval_every=4, eval_batches=2,
                 checkpoint_every=4, keep_checkpoints=5, log_every=1, progress=False, seed=7)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(base)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_changed_settings_are_refused_unless_allowed(finished_run, tmp_path, cac
     with pytest.raises(ConfigError, match="unknown setting"):
         Trainer(config(run, cache_dir, resume="auto", max_steps=16, allow_changed=["max_step"]))
     t = Trainer(config(run, cache_dir, resume="auto", lr=2e-3, max_steps=16, allow_changed=["lr", "max_steps"]))
-    assert t.step == 12 and t.cfg.lr == 2e-3
+    assert t.step == 12 and t.cfg.optim.lr == 2e-3
     assert json.loads((run / "config.json").read_text())["allow_changed"] == ["lr", "max_steps"]
 
 

@@ -34,7 +34,7 @@ SHAPE = {"bert": COMMON + ["--seq-len", "32", "--batch-size", "4", "--vocab-size
 def _trainer(family, out, cache, *extra) -> Trainer:
     cfg = config_from_args(build_parser().parse_args(["--out-dir", str(out), "--cache-dir", str(cache),
                                                       *SHAPE[family], *extra]))
-    cfg.model = family
+    cfg = cfg.replace(model=family)
     return Trainer(cfg)
 
 
@@ -198,7 +198,7 @@ def test_vit_launcher_trains_on_an_image_folder_and_exports_a_classifier(tmp_pat
     from megatie.data.images import _read_image
     from megatie.models.objectives import ImageClassification
 
-    objective = ImageClassification(TrainConfig(model="vit", image_dir=str(folder)).resolved())
+    objective = ImageClassification(TrainConfig.from_flat(model="vit", image_dir=str(folder)).resolved())
     objective.build_data(0, 1, None)
     image = _read_image(folder / "vertical" / "0.png", 32)[None]
     trained_on = objective.eval_inputs((image, torch.tensor([1])), 0)["pixel_values"]

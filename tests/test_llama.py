@@ -29,7 +29,7 @@ SHAPE = ["--n-layer", "6", "--n-embd", "32", "--n-head", "4", "--seq-len", "32",
 def _trainer(out, cache, *extra) -> Trainer:
     cfg = config_from_args(build_parser().parse_args(["--out-dir", str(out), "--cache-dir", str(cache), *SHAPE,
                                                       *extra]))
-    cfg.model = "llama"
+    cfg = cfg.replace(model="llama")
     return Trainer(cfg)
 
 

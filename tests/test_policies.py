@@ -8,14 +8,8 @@ import torch
 from helpers import VOCAB, lm_loss, tiny_model
 from megatie.tying.controller import TieController
 from megatie.errors import ConfigError
-from megatie.tying.policies import (
-    POLICIES,
-    build_policy,
-    cycle_rev_state,
-    cycle_state,
-    load_reference_run,
-    sequence_state,
-)
+from megatie.tying.policies import POLICIES, cycle_rev_state, cycle_state, sequence_state
+from megatie.tying.registry import POLICY_REGISTRY, build_policy, load_reference_run
 from megatie.tying.tie_map import num_independent, validate_state
 from megatie.tying.layers import LayerTying, count_parameters
 
@@ -120,6 +114,30 @@ def test_policy_errors(tmp_path):
         load_reference_run(str(tmp_path))
     assert set(POLICIES) >= {"conventional", "qlearning", "cycle", "cycle-rev", "sequence", "replay",
                              "replay-permuted", "static", "vanilla", "replicate-only", "all-trainable"}
+
+
+def test_the_registry_builds_every_policy_the_flags_name():
+    """Every name --tie-policy accepts has a builder, and every builder a name (described once)."""
+    assert set(POLICY_REGISTRY) == set(POLICIES)
+    reference = {"summary": {"final_state": [0, 0, 2, 2]}, "states": [[0, 0, 2, 2], [0, 1, 2, 3]]}
+    for name in POLICIES:
+        policy = build_policy(name, 4, reference=reference, total_steps=60, tie_every=15)
+        assert policy.name == name
+        assert validate_state(policy.initial_state(), 4) == policy.initial_state()
+
+
+def test_no_policy_name_is_branched_on_outside_tying():
+    """Behaviour by policy lives in megatie.tying (the registry and PolicyInfo), not in the trainer or
+    the config: no other module of the package compares a setting with a policy's name."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "megatie"
+    names = "|".join(re.escape(n) for n in POLICIES)
+    pattern = re.compile(rf"tie_policy\s*(==|!=|in|not in)\s*[(\[{{]?\s*[\"']({names})[\"']")
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.parent.name != "tying" and pattern.search(p.read_text())]
+    assert offenders == []
 
 
 def test_controller_state_round_trip():

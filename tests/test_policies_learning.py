@@ -12,7 +12,8 @@ from megatie.tying.agent import AgentConfig, QLearningAgent, RunningStats
 from megatie.config import TrainConfig
 from megatie.tying.controller import TieController
 from megatie.errors import ConfigError
-from megatie.tying.policies import GrowPolicy, build_policy, contiguous_state, split_order
+from megatie.tying.policies import GrowPolicy, contiguous_state, split_order
+from megatie.tying.registry import build_policy
 from megatie.tying.tie_map import num_independent, validate_state
 from megatie.tying.layers import LayerTying
 
@@ -175,12 +176,12 @@ def test_loss_drop_rewards_each_decision_with_what_it_contributed():
 
 def test_config_validates_new_options():
     with pytest.raises(ConfigError):
-        TrainConfig(reward_norm="zscore").resolved()
+        TrainConfig.from_flat(reward_norm="zscore").resolved()
     with pytest.raises(ConfigError):
-        TrainConfig(switch_cost=-1).resolved()
+        TrainConfig.from_flat(switch_cost=-1).resolved()
     with pytest.raises(ConfigError):
-        TrainConfig(grow_final=20).resolved()
-    assert TrainConfig(tie_policy="grow", grow_final=12).resolved().grow_final == 12
+        TrainConfig.from_flat(grow_final=20).resolved()
+    assert TrainConfig.from_flat(tie_policy="grow", grow_final=12).resolved().tying.grow_final == 12
 
 
 def test_new_options_train_end_to_end(tmp_path):
@@ -189,10 +190,10 @@ def test_new_options_train_end_to_end(tmp_path):
     base = dict(cache_dir=str(tmp_path / "cache"), n_layer=4, n_embd=32, n_head=2, seq_len=32, batch_size=4,
                 vocab_size=512, max_steps=16, tie_every=4, eval_every=8, eval_batches=2, log_every=4,
                 progress=False, seed=7)
-    grow = Trainer(TrainConfig(out_dir=str(tmp_path / "grow"), tie_policy="grow", grow_start=0.25, grow_final=4,
+    grow = Trainer(TrainConfig.from_flat(out_dir=str(tmp_path / "grow"), tie_policy="grow", grow_start=0.25, grow_final=4,
                                **base)).train()
     assert grow["final_independent_layers"] == 4 and grow["mean_independent_layers"] < 4
-    q = Trainer(TrainConfig(out_dir=str(tmp_path / "q"), tie_policy="qlearning", reward="neg-loss",
+    q = Trainer(TrainConfig.from_flat(out_dir=str(tmp_path / "q"), tie_policy="qlearning", reward="neg-loss",
                             reward_norm="running", target_sync=2, switch_cost=0.1, reward_delay=True,
                             agent_moves="local", keep_margin=0.05,
                             **base)).train()
@@ -269,4 +270,4 @@ def test_local_greedy_takes_the_best_gain_or_keeps_within_the_margin():
     with pytest.raises(ConfigError):
         QLearningAgent(L, AgentConfig(keep_margin=-1))
     with pytest.raises(ConfigError):
-        TrainConfig(agent_moves="x").resolved()
+        TrainConfig.from_flat(agent_moves="x").resolved()

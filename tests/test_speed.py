@@ -17,7 +17,7 @@ from megatie.config import TrainConfig
 from megatie.engines.ds_config import engine_config, load_ds_config
 from megatie.errors import CheckpointError, ConfigError
 from megatie.engines.optim import FUSED_ADAMW, adam_step_tensor, build_adamw, fused_applies, param_groups, regroup_optimizer
-from megatie.checkpoint.resume import adopt_unset, check_settings
+from megatie.config import adopt_unset, check_settings
 from megatie.engines.speed import compiled_graphs, set_tf32
 from megatie.tying.layers import LayerTying, count_parameters
 from megatie.models.vocab import build_lm, padded_vocab_size
@@ -36,7 +36,7 @@ def _run(args, sync=None, ds_config=None):
     from megatie.trainer import Trainer
 
     cfg = config_from_args(build_parser().parse_args(args))
-    cfg.deepspeed_config = ds_config
+    cfg = cfg.replace(deepspeed_config=ds_config)
     trainer = Trainer(cfg, sync=sync)
     losses = record_losses(trainer)
     summary = trainer.train()
@@ -176,9 +176,9 @@ def test_tf32_only_for_fp32_runs_on_cuda():
 def test_speed_flags_are_settings():
     parse = lambda *a: config_from_args(build_parser().parse_args(list(a)))  # noqa: E731
     default = parse().resolved()
-    assert (default.tf32, default.compile, default.pad_vocab_to) == (True, False, 128)
+    assert (default.engine.tf32, default.engine.compile, default.model.pad_vocab_to) == (True, False, 128)
     flagged = parse("--no-tf32", "--compile", "--pad-vocab-to", "64").resolved()
-    assert (flagged.tf32, flagged.compile, flagged.pad_vocab_to) == (False, True, 64)
+    assert (flagged.engine.tf32, flagged.engine.compile, flagged.model.pad_vocab_to) == (False, True, 64)
     with pytest.raises(ConfigError, match="pad-vocab-to"):
         parse("--pad-vocab-to", "0").resolved()
 
@@ -186,7 +186,7 @@ def test_speed_flags_are_settings():
 # --------------------------------------------------------------------------- overlap_comm
 def test_overlap_comm_only_with_several_ranks():
     user = load_ds_config(FAST)
-    cfg = SimpleNamespace(batch_size=2, grad_accum=1, grad_clip=1.0)
+    cfg = SimpleNamespace(optim=SimpleNamespace(batch_size=2, grad_accum=1, grad_clip=1.0))
     assert user["zero_optimization"]["overlap_comm"] is True
     assert engine_config(user, cfg, 1)["zero_optimization"]["overlap_comm"] is False
     assert engine_config(user, cfg, 8)["zero_optimization"]["overlap_comm"] is True
@@ -252,7 +252,7 @@ def test_generation_never_emits_a_padded_id():
 
 def test_checkpoints_from_before_padding_resume_unpadded():
     cfg = adopt_unset(TrainConfig(), {"n_layer": 4})
-    assert cfg.pad_vocab_to == 1
+    assert cfg.model.pad_vocab_to == 1
     assert check_settings({"vocab_size": 512}, {"vocab_size": 512, "pad_vocab_to": 1}, []) == {}
     with pytest.raises(CheckpointError, match="pad_vocab_to"):
         check_settings({"vocab_size": 512}, {"vocab_size": 512, "pad_vocab_to": 128}, [])
@@ -319,7 +319,7 @@ def test_compiled_blocks_train_through_regroups(tmp_path, cache_dir):
     results = {}
     for compiled in (False, True):
         start = compiled_graphs()  # a process-wide count: only this run's graphs are counted
-        trainer = Trainer(TrainConfig(out_dir=str(tmp_path / str(compiled)), compile=compiled, **base))
+        trainer = Trainer(TrainConfig.from_flat(out_dir=str(tmp_path / str(compiled)), compile=compiled, **base))
         losses, graphs = record_losses(trainer), []
         regroup = trainer.engine.regroup
         trainer.engine.regroup = lambda plan: (graphs.append(compiled_graphs() - start), regroup(plan))[1]

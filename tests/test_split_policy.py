@@ -161,7 +161,7 @@ def base(out_dir, cache_dir, **overrides):
                   batch_size=2, vocab_size=512, max_steps=24, tie_every=4, eval_every=24, eval_batches=1,
                   checkpoint_every=12, log_every=4, progress=False, seed=5, tie_policy="split")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_flat(values)
 
 
 def test_bad_budget_settings_are_refused(tmp_path, cache_dir):
@@ -169,7 +169,7 @@ def test_bad_budget_settings_are_refused(tmp_path, cache_dir):
         base(tmp_path, cache_dir, tie_policy="alternate", param_budget=0.3).resolved()
     with pytest.raises(ConfigError, match="needs --tie-mode shared"):
         base(tmp_path, cache_dir, tie_mode="frozen-replica").resolved()
-    assert base(tmp_path, cache_dir).resolved().param_budget is None  # the default, recorded as such
+    assert base(tmp_path, cache_dir).resolved().tying.param_budget is None  # the default, recorded as such
 
 
 def test_a_split_run_respects_its_budget_and_resumes_exactly(tmp_path, cache_dir):

@@ -23,7 +23,7 @@ def config(out_dir, cache_dir, **overrides):
                 batch_size=2, vocab_size=512, max_steps=12, tie_every=6, eval_every=12, eval_batches=1,
                 checkpoint_every=12, log_every=4, progress=False, seed=3)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(base)
 
 
 # --------------------------------------------------------------------------- losses read in windows

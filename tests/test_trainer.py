@@ -23,7 +23,7 @@ def small_config(out_dir, cache_dir, **overrides):
                 batch_size=4, vocab_size=512, max_steps=24, tie_every=4, eval_every=8, eval_batches=4,
                 log_every=1, progress=False, seed=7, tie_policy="qlearning")
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(base)
 
 
 def rows(out_dir, event):

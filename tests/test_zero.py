@@ -42,7 +42,7 @@ def reference(tmp_path_factory):
 
 def _trainer(args, ds_config=None, activation_checkpointing=False):
     cfg = config_from_args(build_parser().parse_args(args))
-    cfg.deepspeed_config, cfg.activation_checkpointing = ds_config, activation_checkpointing
+    cfg = cfg.replace(deepspeed_config=ds_config, activation_checkpointing=activation_checkpointing)
     return Trainer(cfg, sync=SYNC if ds_config is not None else None)
 
 
@@ -354,8 +354,8 @@ def test_vit_trains_in_bf16_under_zero2_through_regroups(tmp_path):
         ["--out-dir", str(tmp_path), "--max-steps", "6", "--n-layer", "4", "--n-embd", "32", "--n-head", "4",
          "--batch-size", "8", "--tie-policy", "qlearning", "--tie-every", "2", "--eval-batches", "1",
          "--no-checkpoints", "--no-progress"]))
-    cfg.model, cfg.deepspeed_config = "vit", {"zero_optimization": {"stage": 2, "overlap_comm": False},
-                                               "bf16": {"enabled": True}}
+    cfg = cfg.replace(model="vit", deepspeed_config={"zero_optimization": {"stage": 2, "overlap_comm": False},
+                                                     "bf16": {"enabled": True}})
     summary = Trainer(cfg, sync=SYNC).train()
     assert summary["precision"] == "bf16" and summary["regroups"] >= 1 and summary["final_val_accuracy"] is not None
 

@@ -105,7 +105,7 @@ class _MergedLoader:
 def _reference_losses(out, reference, micro=2, steps=104):
     args = base_args(out, reference, steps=steps, batch=micro * WORLD)
     trainer = Trainer(config_from_args(build_parser().parse_args(args)))
-    trainer.loader = _MergedLoader(trainer.data, micro, trainer.cfg.seed)
+    trainer.loader = _MergedLoader(trainer.data, micro, trainer.cfg.run.seed)
     losses = record_losses(trainer)
     trainer.train()
     return losses

@@ -180,9 +180,9 @@ def run(argv) -> None:
     if os.environ.get("RANK") == "1":
         argv = argv + os.environ.get("MEGATIE_TEST_RANK1_ARGS", "").split()
     cfg = config_from_args(build_parser().parse_args(argv))
-    sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
+    sync = init_deepspeed_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_s)
     try:
-        with failures_as_errors(sync, cfg.dist_timeout_s):
+        with failures_as_errors(sync, cfg.engine.dist_timeout_s):
             _train_and_record(cfg, sync)
     finally:
         shutdown_distributed()
@@ -203,7 +203,7 @@ def _train_and_record(cfg, sync) -> None:
               "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
               "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "own_grams": own_grams,
               "summary": summary}
-    out = os.environ.get("MEGATIE_TEST_OUT", cfg.out_dir)
+    out = os.environ.get("MEGATIE_TEST_OUT", cfg.run.out_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"rank{sync.rank}.json"), "w") as f:
         json.dump(result, f, default=str)

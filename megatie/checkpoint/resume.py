@@ -7,27 +7,29 @@
   out-dir is refused (it would overwrite the later checkpoints and metrics); resume into a new
   ``--out-dir`` to branch. On resume, ``metrics.jsonl`` is cut back to the checkpoint's step so
   that no row appears twice after a crash.
-- Settings left unset on the command line are the checkpoint's. Settings that change the training
-  trajectory must match the checkpoint's, unless named in ``--allow-changed``; the overrides are
-  logged. The model and tie structure never change.
+- Settings left unset on the command line are the checkpoint's, and settings that change the training
+  trajectory must match it unless named in ``--allow-changed`` (``megatie.config.adopt_unset`` and
+  ``check_settings``). The model and tie structure never change.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import sys
 
 from megatie.checkpoint.store import (
     SHARED_FILES,
+    Checkpoint,
     list_checkpoints,
+    load_checkpoint,
     read_meta,
     set_aside,
     verify_files,
     zero_file,
 )
-from megatie.config import BEFORE_SETTING, FREE, STRUCTURAL
 from megatie.errors import CheckpointError, ConfigError
+from megatie.runtime.atomic import write_lines_atomic
 
 
 def _problem_for_rank(path: str, rank: int) -> str | None:
@@ -64,6 +66,27 @@ def choose_checkpoint(spec: str, out_dir: str, sync) -> tuple[str, list[tuple[st
                           f"(newest: {skipped[0][1]})")
 
 
+def open_checkpoint(spec: str, out_dir: str, sync) -> tuple[Checkpoint, list[str]]:
+    """The checkpoint to resume from, verified, and the names of the damaged newer ones (``auto``) set
+    aside on the way. Collective."""
+    path, skipped = choose_checkpoint(spec, out_dir, sync)
+    if skipped and sync.is_main:
+        set_aside_damaged(skipped, lambda line: print(line, file=sys.stderr, flush=True))
+    sync.barrier()
+    return load_checkpoint(path), [os.path.basename(p) for p, _ in skipped]
+
+
+def check_checkpoint_fits(checkpoint: Checkpoint, cfg, world_size: int) -> None:
+    """The checkpoint's family, engine, place in the run's timeline and step against this run's."""
+    family = checkpoint.settings.get("model", "gpt2")  # runs from before families were named: GPT-2
+    if family != cfg.model.family:
+        raise CheckpointError(f"checkpoint was made with model={family!r}, this run has {cfg.model.family!r}; the "
+                              f"model and its tie structure cannot change on resume (use train_{family}.py)")
+    check_engine(checkpoint.optimizer_state, cfg, world_size)
+    check_timeline(checkpoint.path, checkpoint.step, cfg.run.out_dir)
+    check_max_steps(checkpoint.step, cfg.run.max_steps)
+
+
 def set_aside_damaged(skipped: list[tuple[str, str]], log) -> None:
     for path, problem in skipped:
         moved = set_aside(path)
@@ -89,8 +112,8 @@ def check_engine(optimizer_state: dict, cfg, world_size: int) -> None:
         from megatie.engines.ds_config import zero_stage_of
 
         info = optimizer_state["deepspeed"]
-        for key, mine in (("world_size", world_size), ("stage", zero_stage_of(cfg.deepspeed_config)),
-                          ("precision", cfg.precision)):
+        for key, mine in (("world_size", world_size), ("stage", zero_stage_of(cfg.engine.deepspeed_config)),
+                          ("precision", cfg.engine.precision)):
             if info.get(key) != mine:
                 raise CheckpointError(f"the checkpoint was written with {key}={info.get(key)!r}, this run has "
                                       f"{mine!r}; resume with the same DeepSpeed setup")
@@ -113,43 +136,6 @@ def check_max_steps(step: int, max_steps: int) -> None:
                           f"to train (raise --max-steps and add --allow-changed max_steps)")
 
 
-def adopt_unset(cfg, saved: dict):
-    """``cfg`` with every setting the command line left unset (None: sizes, lr, max-steps, warmup...)
-    taken from the checkpoint, so that ``--resume auto`` alone continues the run as it was and a
-    flag given is a change (which ``check_settings`` then refuses unless allowed)."""
-    values, saved = dataclasses.asdict(cfg), {**BEFORE_SETTING, **saved}
-    for key, value in values.items():
-        if value is None and key not in FREE and saved.get(key) is not None:
-            values[key] = saved[key]
-    return type(cfg)(**values)
-
-
-def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:
-    """``{setting: [checkpoint's, this run's]}`` for every allowed change; raise for any other."""
-    saved = {**BEFORE_SETTING, **saved}
-    unknown = sorted(set(allowed) - set(current))
-    if unknown:
-        raise ConfigError(f"--allow-changed names unknown setting(s) {', '.join(unknown)}")
-    changed = {k: [saved[k], current[k]] for k in current
-               if k in saved and k not in FREE and _normal(saved[k]) != _normal(current[k])}
-    for key in STRUCTURAL:
-        if key in changed:
-            old, new = changed[key]
-            raise CheckpointError(f"checkpoint was made with {key}={old!r}, this run has {new!r}; the model and "
-                                  "its tie structure cannot change on resume")
-    refused = [k for k in changed if k not in allowed]
-    if refused:
-        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
-        raise CheckpointError(f"this run changes settings of the checkpoint ({listed}); to resume with the new "
-                              f"values pass --allow-changed {','.join(refused)}")
-    return changed
-
-
-def _normal(value):
-    """Lists and tuples compare equal (a checkpoint stores lists)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def truncate_metrics(out_dir: str, step: int) -> int:
     """Drop the rows of ``metrics.jsonl`` after ``step`` (written by the run that crashed after the
     checkpoint); returns how many went. Rewritten atomically."""
@@ -169,10 +155,5 @@ def truncate_metrics(out_dir: str, step: int) -> int:
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_lines_atomic(path, kept)
     return dropped

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -170,8 +171,30 @@ def problem_with(path: str, names: list[str] | None = None) -> str | None:
     return None
 
 
-def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """``(model_tensors, optimizer_state, trainer_state)`` of a checkpoint whose shared files verify."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint as read: the model's tensors, the engine's optimizer state (DeepSpeed: the
+    layout; each rank reads its own slice from ``path``) and the trainer's state."""
+    path: str
+    tensors: dict
+    optimizer_state: dict
+    trainer_state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"])
+
+    @property
+    def settings(self) -> dict:
+        """The run's settings by flat name (``megatie.config.recorded_settings``)."""
+        settings = self.trainer_state.get("settings")
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"checkpoint {self.path!r} records no settings; it cannot be resumed or exported")
+        return settings
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """The checkpoint at ``path``, its shared files verified first (every file's SHA-256)."""
     verify_files(path, list(SHARED_FILES))
     try:
         tensors = load_file(os.path.join(path, "model.safetensors"))
@@ -179,7 +202,7 @@ def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
         trainer_state = load_pickle_free(os.path.join(path, "trainer.pt"))
     except SafetensorError as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: {str(e).splitlines()[0]}") from None
-    return tensors, optimizer_state, trainer_state
+    return Checkpoint(path, tensors, optimizer_state, trainer_state)
 
 
 def load_pickle_free(path: str):

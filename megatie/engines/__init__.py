@@ -28,7 +28,7 @@ def enable_activation_checkpointing(model) -> None:
 
 def build_engine(model, cfg, device, sync=None, observer=None):
     """The engine ``cfg`` asks for: DeepSpeed when it carries a DeepSpeed config, plain torch otherwise."""
-    if cfg.activation_checkpointing:
+    if cfg.engine.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.uses_deepspeed:
         from megatie.engines.deepspeed_engine import DeepSpeedEngine

@@ -97,14 +97,14 @@ class DeepSpeedEngine:
 
         self.model, self.cfg, self.device, self.sync, self.observer = model, cfg, device, sync, observer
         self.rank, self.world_size = tdist.get_rank(), tdist.get_world_size()
-        self.stage, self.precision = zero_stage_of(cfg.deepspeed_config), cfg.precision
+        self.stage, self.precision = zero_stage_of(cfg.engine.deepspeed_config), cfg.engine.precision
         self.comm_device = torch.device(get_accelerator().current_device_name())
         self.regroups = 0
         groups = self._groups({})
         optimizer, scheduler = self._optimizer_for(groups)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=engine_config(cfg.deepspeed_config, cfg, self.world_size), dist_init_required=False)
+            config=engine_config(cfg.engine.deepspeed_config, cfg, self.world_size), dist_init_required=False)
         self.basic_optimizer = optimizer
         self._record_layout(groups)
 
@@ -119,9 +119,9 @@ class DeepSpeedEngine:
     def _optimizer_for(self, groups):
         cfg = self.cfg
         # Fused on CUDA (build_adamw), but not when the masters it will step are offloaded to the host.
-        optimizer = build_adamw([{"params": params, "weight_decay": cfg.weight_decay if decay == 0 else 0.0}
-                                 for decay, params in groups], cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
-                                fused=False if offloads_optimizer(cfg.deepspeed_config) else None)
+        optimizer = build_adamw([{"params": params, "weight_decay": cfg.optim.weight_decay if decay == 0 else 0.0}
+                                 for decay, params in groups], cfg.optim.lr, (cfg.optim.adam_beta1, cfg.optim.adam_beta2), cfg.optim.adam_eps,
+                                fused=False if offloads_optimizer(cfg.engine.deepspeed_config) else None)
         return optimizer, lr_scheduler(optimizer, cfg)
 
     def _record_layout(self, groups) -> None:
@@ -199,7 +199,7 @@ class DeepSpeedEngine:
         """Follow ``plan`` (a ``RegroupPlan``); returns what the run records about it ({} if nothing changed)."""
         if not plan.changes_parameters:
             return {}
-        if self.engine.micro_steps % self.cfg.grad_accum:
+        if self.engine.micro_steps % self.cfg.optim.grad_accum:
             raise RuntimeError("regroup must happen at a gradient-accumulation boundary")
         t0 = time.perf_counter()
         created = {id(p): src for p, src in plan.created}

@@ -100,11 +100,11 @@ def engine_config(user: dict, cfg, world_size: int) -> dict:
         # synchronisations on every bucket and the second gradient buffer. Off, whatever the config
         # says, so that one GPU and several share one config (ds_configs/README.md).
         out["zero_optimization"]["overlap_comm"] = False
-    out["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    out["gradient_accumulation_steps"] = cfg.grad_accum
-    out["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world_size
+    out["train_micro_batch_size_per_gpu"] = cfg.optim.batch_size
+    out["gradient_accumulation_steps"] = cfg.optim.grad_accum
+    out["train_batch_size"] = cfg.optim.batch_size * cfg.optim.grad_accum * world_size
     # Always explicit: DeepSpeed's own default clips at 1.0, so --grad-clip 0 must say 0.0 to mean "off".
-    out["gradient_clipping"] = float(cfg.grad_clip)
+    out["gradient_clipping"] = float(cfg.optim.grad_clip)
     # megatie passes torch's AdamW (the reference math) also with CPU offload.
     out.setdefault("zero_force_ds_cpu_optimizer", False)
     out.setdefault("zero_allow_untested_optimizer", True)

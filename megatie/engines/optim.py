@@ -71,17 +71,17 @@ def adam_step_tensor(step: float, master: torch.Tensor, optimizer: torch.optim.O
 
 def adamw_for(model: nn.Module, cfg) -> torch.optim.AdamW:
     """The run's AdamW over the model's unique trainable tensors (settings from ``TrainConfig``)."""
-    return build_adamw(param_groups(model, cfg.weight_decay), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+    return build_adamw(param_groups(model, cfg.optim.weight_decay), cfg.optim.lr, (cfg.optim.adam_beta1, cfg.optim.adam_beta2), cfg.optim.adam_eps)
 
 
 def lr_factor(step: int, cfg) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if cfg.optim.warmup_steps and step < cfg.optim.warmup_steps:
+        return (step + 1) / cfg.optim.warmup_steps
+    if cfg.optim.lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - cfg.optim.warmup_steps) / max(1, cfg.run.max_steps - cfg.optim.warmup_steps))
+    return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:

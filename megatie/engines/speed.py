@@ -65,19 +65,19 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def prepare_for_speed(model, tying, cfg, device: torch.device) -> dict:
+def prepare_for_speed(model, tying, cfg, device: torch.device, vocab_size: int | None = None) -> dict:
     """Apply the run's speed settings to ``model``; returns the summary's record of them."""
     return {
-        "tf32": set_tf32(cfg.tf32, device, cfg.precision),
-        "compiled_blocks": compile_blocks(model, tying.blocks) if cfg.compile else 0,
+        "tf32": set_tf32(cfg.engine.tf32, device, cfg.engine.precision),
+        "compiled_blocks": compile_blocks(model, tying.blocks) if cfg.engine.compile else 0,
         # What build_adamw will choose (DeepSpeed with offloaded state excepted: the host steps it).
         "fused_adamw": fused_applies(unique_parameters(model, trainable_only=True)) and not _offloaded(cfg),
-        "padded_vocab_size": (None if cfg.vocab_size is None  # images: classes, never padded
-                              else padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to)),
+        # ``vocab_size``: the tokenizer's (the run's facts); None for images: classes, never padded.
+        "padded_vocab_size": (None if vocab_size is None else padded_vocab_size(vocab_size, cfg.model.pad_vocab_to)),
     }
 
 
 def _offloaded(cfg) -> bool:
     from megatie.engines.ds_config import offloads_optimizer
 
-    return cfg.uses_deepspeed and offloads_optimizer(cfg.deepspeed_config)
+    return cfg.uses_deepspeed and offloads_optimizer(cfg.engine.deepspeed_config)

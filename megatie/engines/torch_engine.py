@@ -40,8 +40,8 @@ class TorchEngine:
             total += loss.detach()
         if self.observer is not None:
             self.observer.after_backward(self)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unique_parameters(self.model, trainable_only=True), self.cfg.grad_clip)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unique_parameters(self.model, trainable_only=True), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -46,7 +46,7 @@ def load_run(run_dir: str) -> dict:
 
 def initial_roots(config: dict, summary: dict) -> list[int]:
     """Blocks with trainable weights of their own before the first decision."""
-    from megatie.tying.policies import build_policy
+    from megatie.tying.registry import build_policy
 
     L = summary["n_layer"]
     try:

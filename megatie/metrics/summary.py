@@ -54,12 +54,12 @@ def run_summary(trainer, memory: dict, final_val: dict) -> dict:
         "rank_param_checksums": trainer.sync.gather(param_checksum(unique_parameters(trainer.model))),
         "steps": trainer.step,
         "engine": "deepspeed" if trainer.cfg.uses_deepspeed else "torch",
-        "precision": trainer.cfg.precision,
+        "precision": trainer.cfg.engine.precision,
         **trainer.speed,
-        "tie_policy": trainer.cfg.tie_policy,
-        "tie_mode": trainer.cfg.tie_mode,
-        "reward": trainer.cfg.reward,
-        "n_layer": trainer.cfg.n_layer,
+        "tie_policy": trainer.cfg.tying.tie_policy,
+        "tie_mode": trainer.cfg.tying.tie_mode,
+        "reward": trainer.cfg.tying.reward,
+        "n_layer": trainer.facts.n_layer,
         "world_size": trainer.world_size,
     }
 

@@ -43,14 +43,18 @@ class CausalLM:
         from megatie.data import build_lm_data
 
         cfg = self.cfg
+        data = cfg.data
         self.data = build_lm_data(
-            train_files=cfg.train_files or None, valid_files=cfg.valid_files or None, dataset=cfg.dataset,
-            dataset_dir=cfg.dataset_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-            cache_dir=cfg.cache_dir, data_dir=cfg.data_dir, rank=rank, world_size=world_size, barrier=barrier,
-            progress=cfg.progress)
-        # The tokenizer decides the real vocabulary (GPT-2's is 50257 whatever --vocab-size says).
-        cfg.vocab_size = self.data.vocab_size
+            train_files=data.train_files or None, valid_files=data.valid_files or None, dataset=data.dataset,
+            dataset_dir=data.dataset_dir, tokenizer=data.tokenizer, vocab_size=cfg.model.vocab_size,
+            seq_len=cfg.model.seq_len, cache_dir=data.cache_dir, data_dir=data.data_dir, rank=rank,
+            world_size=world_size, barrier=barrier, progress=cfg.run.progress)
         return self.data
+
+    def learnt(self) -> dict:
+        """What the data decided (``megatie.config.RunFacts``): the tokenizer's real vocabulary (GPT-2's is
+        50257 whatever --vocab-size says)."""
+        return {"vocab_size": self.data.vocab_size, "seq_len": self.cfg.model.seq_len}
 
     def save(self, directory: str) -> None:
         self.data.tokenizer.save(directory)
@@ -91,7 +95,7 @@ class MaskedLM(CausalLM):
 
     def build_data(self, rank, world_size, barrier):
         data = super().build_data(rank, world_size, barrier)
-        self.collator = data.mlm_collator(self.cfg.mask_prob)  # refuses a tokenizer without [MASK]
+        self.collator = data.mlm_collator(self.cfg.data.mask_prob)  # refuses a tokenizer without [MASK]
         return data
 
     def _masked(self, raw, generator) -> dict:
@@ -100,7 +104,7 @@ class MaskedLM(CausalLM):
         return {"input_ids": inputs, "labels": labels}
 
     def train_inputs(self, raw, step, micro, rank):
-        return self._masked(raw, input_generator(self.cfg.seed, step, micro, rank))
+        return self._masked(raw, input_generator(self.cfg.run.seed, step, micro, rank))
 
     def eval_inputs(self, raw, index):
         return self._masked(raw, input_generator(_EVAL_STREAM, index))
@@ -121,13 +125,18 @@ class ImageClassification(CausalLM):
 
         cfg = self.cfg
         # Small enough to hold in memory: every rank reads it itself, no preparation step to share.
-        self.data = data = load_image_data(cfg.image_dir, cfg.dataset, cfg.image_size, cfg.patch_size)
-        cfg.num_classes, cfg.num_channels = data.num_classes, data.num_channels
-        cfg.image_size, cfg.patch_size = data.image_size, data.patch_size
-        cfg.seq_len = data.tokens_per_example  # patches + [CLS]: what throughput and FLOPs count
+        self.data = data = load_image_data(cfg.data.image_dir, cfg.data.dataset, cfg.model.image_size,
+                                           cfg.model.patch_size)
         self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std).view(1, -1, 1, 1)
         return data
+
+    def learnt(self) -> dict:
+        """The images' classes, channels and shape; a sequence is the patches + [CLS] (what throughput and
+        FLOPs count)."""
+        d = self.data
+        return {"num_classes": d.num_classes, "num_channels": d.num_channels, "image_size": d.image_size,
+                "patch_size": d.patch_size, "seq_len": d.tokens_per_example}
 
     def save(self, directory: str) -> None:
         self.data.save(directory)
@@ -138,7 +147,7 @@ class ImageClassification(CausalLM):
     def train_inputs(self, raw, step, micro, rank):
         images, labels = raw
         if self.data.augment:
-            images = augment(images, input_generator(self.cfg.seed, step, micro, rank))
+            images = augment(images, input_generator(self.cfg.run.seed, step, micro, rank))
         return {"pixel_values": self._normalised(images), "labels": labels}
 
     def eval_inputs(self, raw, index):

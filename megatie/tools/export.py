@@ -67,14 +67,14 @@ def load_run(run_dir: str, which: str = "best"):
 
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
-    tensors, _, trainer_state = load_checkpoint(checkpoint_of(run_dir, which))
-    settings = trainer_state["settings"]
+    checkpoint = load_checkpoint(checkpoint_of(run_dir, which))
+    settings = checkpoint.settings
     spec = get_spec(settings.get("model", "gpt2"))  # runs from before families were named are GPT-2
     pad_to = settings.get("pad_vocab_to", BEFORE_SETTING["pad_vocab_to"])
     model = build_lm(spec, settings, seed=0, dropout=0.0, pad_to=pad_to)
     tying = LayerTying(model, settings["tie_mode"], block_path=spec.block_path)
-    tying.load_state_dict(trainer_state["controller"]["tying"])
-    load_model_tensors(model, tensors)
+    tying.load_state_dict(checkpoint.trainer_state["controller"]["tying"])
+    load_model_tensors(model, checkpoint.tensors)
     unpad_vocab(model, settings["vocab_size"])  # the tokenizer's vocabulary: what exports and sampling see
     model.eval()
     return model, tying, settings

@@ -15,8 +15,9 @@ import glob
 import os
 import sys
 import traceback
+from types import SimpleNamespace
 
-from megatie.config import FREE, LR_SCHEDULES, TrainConfig
+from megatie.config import FLAT, FREE, LR_SCHEDULES, TrainConfig
 from megatie.errors import ConfigError, MegatieError
 from megatie.presets import PRESETS
 from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
@@ -53,7 +54,7 @@ def _name_list(text: str) -> list[str]:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Train a transformer from scratch with dynamic layer tying.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TrainConfig()
+    d = SimpleNamespace(**TrainConfig().flat())  # every setting's default, by its flag's name
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default=d.out_dir, help="run directory (metrics, checkpoints, summary)")
     run.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), metavar="NAME",
@@ -167,8 +168,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return TrainConfig.from_flat({k: v for k, v in vars(args).items() if k in FLAT})
 
 
 def given_flags(argv) -> set[str]:
@@ -183,8 +183,8 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """For a resumed run, the settings not given on the command line are unset (None), so that the
     trainer takes them from the checkpoint: ``--resume auto`` alone continues the run as it was."""
     # The model family is the launcher's, never taken from the checkpoint: a mismatch is refused.
-    values = {k: (v if k in given or k in FREE or k == "model" else None) for k, v in vars(cfg).items()}
-    return TrainConfig(**values)
+    values = {k: (v if k in given or k in FREE or k == "model" else None) for k, v in cfg.flat().items()}
+    return TrainConfig.from_flat(values)
 
 
 def run_main(main_fn, argv=None) -> int:
@@ -237,13 +237,13 @@ def check_not_a_run_to_overwrite(cfg: TrainConfig) -> None:
     """Training from scratch into a directory that holds a finished run or checkpoints would overwrite
     them: such a run is continued (--resume) or left alone. A directory whose run died before its first
     checkpoint holds nothing to lose and is trained into again."""
-    if cfg.resume:
+    if cfg.run.resume:
         return
-    finished = os.path.isfile(os.path.join(cfg.out_dir, "summary.json"))
-    held = glob.glob(os.path.join(glob.escape(cfg.out_dir), "checkpoints", "step_*", "meta.json"))
+    finished = os.path.isfile(os.path.join(cfg.run.out_dir, "summary.json"))
+    held = glob.glob(os.path.join(glob.escape(cfg.run.out_dir), "checkpoints", "step_*", "meta.json"))
     if finished or held:
         what = "a finished run" if finished else f"a run with {len(held)} checkpoint(s)"
-        raise ConfigError(f"--out-dir {cfg.out_dir} already holds {what}; continue it with --resume auto, or "
+        raise ConfigError(f"--out-dir {cfg.run.out_dir} already holds {what}; continue it with --resume auto, or "
                           "choose another --out-dir (nothing there was changed)")
 
 
@@ -251,15 +251,15 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Paths the run will read: missing ones fail here, before the heavy imports."""
     from megatie.data.sources import resolve_files  # plain Python
 
-    for patterns in (cfg.train_files, cfg.valid_files):
+    for patterns in (cfg.data.train_files, cfg.data.valid_files):
         if patterns:
             resolve_files(patterns)
-    for flag, path in (("--data-dir", cfg.data_dir), ("--reference-run", cfg.reference_run),
-                       ("--image-dir", cfg.image_dir)):
+    for flag, path in (("--data-dir", cfg.data.data_dir), ("--reference-run", cfg.tying.reference_run),
+                       ("--image-dir", cfg.data.image_dir)):
         if path is not None and not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"{flag} {path} is not a directory; check the path")
-    if cfg.resume not in (None, "auto", "latest") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
+    if cfg.run.resume not in (None, "auto", "latest") and not os.path.isdir(cfg.run.resume):
+        raise ConfigError(f"--resume {cfg.run.resume}: no such checkpoint directory (or use --resume auto)")
 
 
 class _Hold:
@@ -276,7 +276,7 @@ class _Hold:
 def check_precision(cfg: TrainConfig) -> None:
     """Refuse a DeepSpeed config whose fp16/bf16 the accelerator lacks, in one line, before the process
     group, the model and the data exist (DeepSpeed itself only notices in its engine's constructor)."""
-    if cfg.precision not in ("fp16", "bf16"):
+    if cfg.engine.precision not in ("fp16", "bf16"):
         return
     import logging
 
@@ -295,16 +295,16 @@ def check_precision(cfg: TrainConfig) -> None:
     if accelerator.device_name() != "cpu":
         # The CUDA queries act on the current device: make it this rank's, not everyone's device 0
         # (init_deepspeed_distributed selects the same one).
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", cfg.local_rank or 0)))
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", cfg.engine.local_rank or 0)))
     supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}
-    if supported[cfg.precision]():  # the CPU accelerator answers None rather than False for fp16
+    if supported[cfg.engine.precision]():  # the CPU accelerator answers None rather than False for fp16
         for record in held:
             ds_logger.handle(record)
         return
-    source = cfg.deepspeed if cfg.deepspeed is not None else "the DeepSpeed config"
-    other = "bf16" if cfg.precision == "fp16" else "fp16"
+    source = cfg.engine.deepspeed if cfg.engine.deepspeed is not None else "the DeepSpeed config"
+    other = "bf16" if cfg.engine.precision == "fp16" else "fp16"
     also = f" or ds_configs/zero2_{other}.json ({other})" if supported[other]() else ""
-    raise ConfigError(f"{source} asks for {cfg.precision}, which DeepSpeed's {accelerator.device_name()} "
+    raise ConfigError(f"{source} asks for {cfg.engine.precision}, which DeepSpeed's {accelerator.device_name()} "
                       f"accelerator does not support on this machine; use ds_configs/zero2.json (fp32){also}")
 
 
@@ -312,21 +312,21 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
     """Train a model of family ``model`` (the launcher's: train_gpt2.py, train_llama.py, train_bert.py,
     train_vit.py) with ``argv``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = config_from_args(build_parser().parse_args(argv))
-    cfg.model = model
-    # Validate everything (a bad DeepSpeed config included) before any process group exists; the
-    # Trainer resolves the config again itself.
+    cfg = config_from_args(build_parser().parse_args(argv)).replace(model=model)
+    # Resolved and validated (a bad DeepSpeed config included) before any process group exists. A fresh
+    # run trains with exactly this config; a resumed one first takes what was left unset from its
+    # checkpoint (the trainer resolves that once), so here its flags are only checked.
     resolved = cfg.resolved()
-    check_out_dir(resolved.out_dir)
+    check_out_dir(resolved.run.out_dir)
     check_inputs(resolved)
     # One run per out-dir, held by the (global) rank 0 process, taken before the heavy imports so
     # that a second run is refused at once.
-    lock = RunLock(resolved.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
+    lock = RunLock(resolved.run.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
         check_not_a_run_to_overwrite(resolved)
         if resolved.uses_deepspeed:
             check_precision(resolved)
-        summary = _train(resume_config(cfg, given_flags(argv)) if cfg.resume else cfg)
+        summary = _train(resume_config(cfg, given_flags(argv)) if cfg.run.resume else resolved)
     finally:
         if lock is not None:
             lock.release()
@@ -344,7 +344,7 @@ def _train(cfg: TrainConfig) -> dict:
         Trainer,  # torch and transformers: only once the flags are known to be good
     )
 
-    if not cfg.deepspeed:
+    if not cfg.engine.deepspeed:
         return Trainer(cfg).train()
     from megatie.runtime.distributed import (
         failures_as_errors,
@@ -352,9 +352,9 @@ def _train(cfg: TrainConfig) -> dict:
         shutdown_distributed,
     )
 
-    sync = init_deepspeed_distributed(cfg.local_rank, cfg.dist_timeout_s)
+    sync = init_deepspeed_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_s)
     try:
-        with failures_as_errors(sync, cfg.dist_timeout_s):
+        with failures_as_errors(sync, cfg.engine.dist_timeout_s):
             return Trainer(cfg, sync=sync).train()
     finally:
         shutdown_distributed()

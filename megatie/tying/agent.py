@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from torch import nn
 from megatie.errors import ConfigError
 
 # The option names are defined torch-free (for the launcher's parser) and re-exported here.
-from megatie.tying.options import MOVES, REWARD_NORMS, REWARDS  # noqa: F401
+from megatie.tying.options import MOVES, REWARD_NORMS, REWARDS, AgentConfig  # noqa: F401 (re-exported)
 from megatie.tying.tie_map import validate_action, validate_state
 
 
@@ -99,21 +98,6 @@ class QNetwork(nn.Module):
 
     def max_value(self, q: torch.Tensor) -> torch.Tensor:
         return self.padded(q).amax(-1).sum(-1)
-
-
-@dataclass
-class AgentConfig:
-    gamma: float = 0.99
-    lr: float = 1e-3
-    eps_start: float = 1.0
-    eps_decay: float = 0.95
-    eps_min: float = 0.1
-    hidden: int = 128
-    reward_norm: str = "none"
-    target_sync: int = 0
-    switch_cost: float = 0.0
-    moves: str = "vector"
-    keep_margin: float = 0.0
 
 
 class RunningStats:

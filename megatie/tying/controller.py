@@ -69,6 +69,11 @@ class TieController:
         self.history: list[dict] = []
         self._greedy_seen: set[tuple[int, ...]] = set()
 
+    def bind_regroup(self, regroup: Callable[[RegroupPlan], dict | None]) -> None:
+        """The engine's regroup, called at every decision that changes the structure (the engine is built
+        after ``setup``, over the trainable tensors the starting structure leaves)."""
+        self.regroup = regroup
+
     def setup(self) -> None:
         """Put the model in the policy's starting structure; call before building the optimizer."""
         self.tying.initialize(self.policy.initial_state(), self.policy.initial_frozen())

@@ -51,5 +51,23 @@ REWARDS = ("neg-ppl", "neg-loss", "loss-drop")
 REWARD_NORMS = ("none", "running")
 MOVES = ("vector", "local")
 
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The Q-learning agent's settings: the ``agent`` section of a run's config (flags ``--agent-lr``,
+    ``--gamma``, ``--eps-decay``, ``--eps-min``, ``--reward-norm``, ``--target-sync``, ``--switch-cost``,
+    ``--agent-moves``, ``--keep-margin``)."""
+    gamma: float = 0.99
+    lr: float = 1e-3
+    eps_start: float = 1.0
+    eps_decay: float = 0.95
+    eps_min: float = 0.1
+    hidden: int = 128
+    reward_norm: str = "none"
+    target_sync: int = 0
+    switch_cost: float = 0.0
+    moves: str = "vector"
+    keep_margin: float = 0.0
+
 # How a tied member holds its root's weights (see ``megatie.tying.layers``).
 TIE_MODES = ("shared", "frozen-replica")

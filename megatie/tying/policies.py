@@ -1,4 +1,4 @@
-"""Tying policies: who decides the state, and how (SPEC §2, the paper's Table 4).
+"""Tying policies: who decides the state, and how (docs/method.md; the paper's Table 4 ablations).
 
 Every policy answers the same questions, so the controller and the launcher treat them alike:
 - ``initial_state()`` and ``frozen_start``: the structure before the first decision;
@@ -9,9 +9,6 @@ Every policy answers the same questions, so the controller and the launcher trea
 
 from __future__ import annotations
 
-import json
-import os
-import random
 from dataclasses import dataclass, field
 
 from megatie.errors import ConfigError
@@ -318,66 +315,3 @@ def roots_within_budget(budget: float | None, conventional: int, per_block: int,
         raise ConfigError(f"--param-budget {budget} cannot pay for one block: the layers outside the blocks "
                           f"alone are {outside / conventional:.2f} of conventional's trainable parameters")
     return roots
-
-
-# ----------------------------------------------------------------------------- reference runs
-def load_reference_run(run_dir: str) -> dict:
-    """Read the decisions and summary of an earlier run (for static / replay / vanilla ablations)."""
-    summary_path = os.path.join(run_dir, "summary.json")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(summary_path) or not os.path.isfile(metrics_path):
-        raise ConfigError(f"{run_dir!r} is not a finished run directory (summary.json and metrics.jsonl needed)")
-    try:
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-        states = []
-        with open(metrics_path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    if row.get("event") == "decision":
-                        states.append(row["state"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read reference run {run_dir!r}: {e}") from None
-    return {"summary": summary, "states": states}
-
-
-def build_policy(name: str, num_blocks: int, seed: int = 0, agent_config: AgentConfig | None = None,
-                 reference: dict | None = None, static_state: list[int] | None = None,
-                 total_steps: int | None = None, tie_every: int = 15, grow_start: float = 0.5,
-                 grow_final: int | None = None, grow_layout: str = "contiguous",
-                 max_roots: int | None = None) -> TyingPolicy:
-    """Build a policy by its launcher name (see ``POLICIES``)."""
-    if name not in POLICIES:
-        raise ConfigError(f"unknown tie policy {name!r}; choose one of {', '.join(POLICIES)}")
-    needs_reference = name in ("replay", "replay-permuted") or (name == "static" and static_state is None)
-    if needs_reference and reference is None:
-        raise ConfigError(f"tie policy {name!r} needs --reference-run DIR (a finished qlearning run)")
-    if name == "grow":
-        if total_steps is None:
-            raise ConfigError("tie policy 'grow' needs the run length (max_steps)")
-        return GrowPolicy(num_blocks, total_steps, tie_every, grow_start, grow_final, grow_layout)
-    if name == "split":
-        return SplitPolicy(num_blocks, num_blocks if max_roots is None else max_roots)
-    if name in ("conventional", "vanilla"):
-        return StaticPolicy(num_blocks, identity_state(num_blocks), name=name)
-    if name == "qlearning":
-        return QLearningPolicy(num_blocks, agent_config, seed)
-    if name == "all-trainable":
-        return QLearningPolicy(num_blocks, agent_config, seed, frozen_start=False, name=name)
-    if name == "replicate-only":
-        return QLearningPolicy(num_blocks, agent_config, seed, ties=False, name=name)
-    if name == "static":
-        state = static_state if static_state is not None else reference["summary"].get("final_state")
-        if state is None:
-            raise ConfigError("the reference run's summary.json has no final_state")
-        return StaticPolicy(num_blocks, state, name="static")
-    if name in ("replay", "replay-permuted"):
-        perm = None
-        if name == "replay-permuted":
-            perm = list(range(num_blocks))
-            random.Random(seed).shuffle(perm)
-        return ReplayPolicy(num_blocks, reference["states"], perm, name=name)
-    pattern = {"cycle": cycle_state, "cycle-rev": cycle_rev_state, "sequence": sequence_state,
-               "alternate": lambda n: cyclic_state(n, 2)}[name]
-    return StaticPolicy(num_blocks, pattern(num_blocks), name=name)
