@@ -16,18 +16,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 from corpora import prepare
+from jobs import run_dir, run_jobs
 
 
-def corpus_opts(opts, corpus):
-    """``opts`` for one corpus: its files, its own output directory (and so its own tokenizer)."""
-    from reproduce import full_corpus_tokenizer
-
+def corpus_opts(opts, corpus, full_corpus_tokenizer):
+    """``opts`` for one corpus: its files, its own output directory (and so its own tokenizer, trained by
+    ``full_corpus_tokenizer(opts)``)."""
     c = copy.copy(opts)
     c.train_file, c.valid_file = [corpus.train], [corpus.valid]
     c.out_dir = os.path.join(opts.out_dir, corpus.name)
@@ -35,28 +32,7 @@ def corpus_opts(opts, corpus):
     return c
 
 
-def run_jobs(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
-    """Each job (label, command, run dir) unless its run finished; ``parallel`` at a time."""
-    from reproduce import ROOT
-
-    def one(job):
-        label, cmd, d = job
-        if os.path.isfile(os.path.join(d, "summary.json")):  # finished meanwhile (by an earlier command)
-            return
-        os.makedirs(os.path.dirname(d), exist_ok=True)
-        t0 = time.time()
-        with open(d + ".log", "w", encoding="utf-8") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"{label}: exit {rc} in {time.time() - t0:.0f} s" + ("" if rc == 0 else f" (see {d}.log)"), flush=True)
-
-    todo = [j for j in jobs if not os.path.isfile(os.path.join(j[2], "summary.json"))]
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        list(pool.map(one, todo))
-
-
 def _runs(opts, corpus_dir: str, row: str) -> dict[int, dict]:
-    from reproduce import run_dir
-
     out = {}
     for seed in opts.seeds:
         path = os.path.join(run_dir(corpus_dir, opts.regime, seed, row), "summary.json")
@@ -169,9 +145,8 @@ def pareto_figure(tables, corpora, kept_aside, path: str) -> str:
     return path
 
 
-def main(opts, rows: list[str]) -> int:
-    from reproduce import command, run_dir
-
+def main(opts, rows: list[str], command, full_corpus_tokenizer) -> int:
+    """``command(opts, row, seed)`` and ``full_corpus_tokenizer(opts)``: reproduce.py's, for one corpus."""
     corpora = [prepare(spec, opts.out_dir) for spec in opts.corpora]
     names = [c.name for c in corpora]
     unknown = [k for k in opts.kept_aside if k not in names]
@@ -179,7 +154,7 @@ def main(opts, rows: list[str]) -> int:
         print(f"error: --kept-aside names {unknown}, not among --corpora {names}", file=sys.stderr)
         return 2
     jobs = []
-    c_opts = {corpus.name: corpus_opts(opts, corpus) for corpus in corpora}
+    c_opts = {corpus.name: corpus_opts(opts, corpus, full_corpus_tokenizer) for corpus in corpora}
     for seed in opts.seeds:  # seed by seed: an interrupted command leaves whole seeds, every corpus
         for corpus in corpora:
             for row in rows:

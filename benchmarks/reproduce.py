@@ -40,6 +40,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from jobs import run_dir, run_jobs  # noqa: E402  (re-exported: run_dir names every run's directory)
+
 FAMILIES = ("gpt2", "llama", "bert", "vit")
 
 
@@ -128,10 +130,6 @@ def row_args(name: str, ref: str, n_layer: int) -> list[str]:
             a = a.replace(key, value)
         out.append(a)
     return out
-
-
-def run_dir(out_dir: str, regime: str, seed: int, name: str) -> str:
-    return os.path.join(out_dir, regime, f"s{seed}", name)
 
 
 def train_fraction(opts) -> float:
@@ -355,7 +353,7 @@ def main(argv=None) -> int:
     if opts.corpora:
         from multi_corpus import main as multi_corpus_main
 
-        return multi_corpus_main(opts, rows)
+        return multi_corpus_main(opts, rows, command, full_corpus_tokenizer)
     if not opts.train_file and opts.family == "gpt2" and not opts.dry_run and not opts.report_only:
         print("error: --train-file is required (the paper's tables compare on a corpus)", file=sys.stderr)
         return 2
@@ -369,8 +367,6 @@ def main(argv=None) -> int:
                 print(" ".join(cmd))
             waves[name != "qlearning"].append((f"{name} seed {seed}", cmd, d))
     if not (opts.dry_run or opts.report_only):
-        from multi_corpus import run_jobs
-
         for wave in waves:
             run_jobs(wave, opts.jobs)
     if opts.dry_run:

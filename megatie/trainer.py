@@ -33,7 +33,7 @@ from megatie.config import (
     recorded_settings,
 )
 from megatie.data.prefetch import StepPrefetcher
-from megatie.engines import build_engine
+from megatie.engines import build_engine, check_checkpoint_engine
 from megatie.engines.speed import prepare_for_speed
 from megatie.errors import CheckpointError, DivergedError
 from megatie.metrics.flops import mfu, model_flops_per_token, peak_flops
@@ -84,7 +84,7 @@ class Trainer:
         self._start_structure(checkpoint)
         self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device, self.facts.vocab_size)
         self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
-        self.controller.bind_regroup(self.engine.regroup)
+        self.controller.bind_regroup(lambda plan: self.engine.regroup(plan))  # whichever engine the trainer holds
         if checkpoint is not None:
             # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
             self.engine.load_state_dict({**checkpoint.optimizer_state, "checkpoint_dir": checkpoint.path})
@@ -94,8 +94,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up, in order
     def _open_checkpoint(self, cfg: TrainConfig):
         checkpoint, skipped = open_checkpoint(cfg.run.resume, cfg.run.out_dir, self.sync)
-        self.resume_record = {"event": "resume", "step": checkpoint.step, "checkpoint": os.path.abspath(checkpoint.path),
-                              "skipped": skipped}
+        self.resume_record = {"event": "resume", "step": checkpoint.step,
+                              "checkpoint": os.path.abspath(checkpoint.path), "skipped": skipped}
         return checkpoint
 
     def _resolve(self, cfg: TrainConfig, checkpoint) -> TrainConfig:
@@ -106,7 +106,8 @@ class Trainer:
         if not cfg.is_resolved or checkpoint is not None:
             cfg = cfg.resolved()
         if checkpoint is not None:
-            check_checkpoint_fits(checkpoint, cfg, self.world_size)
+            check_checkpoint_fits(checkpoint, cfg)
+            check_checkpoint_engine(checkpoint.optimizer_state, cfg, self.world_size)
         return cfg
 
     def _build_data(self, reference) -> None:
@@ -189,7 +190,8 @@ class Trainer:
             # A difference of two losses: on the same batch, batch-to-batch noise cancels. Drawn from
             # its own seed, so a resumed run measures on the same batch.
             batch = self.data.random_batch("train", self.cfg.tying.reward_batch_size,
-                                           torch.Generator().manual_seed(self.cfg.run.seed + 2 + _RANK_STREAM * self.rank))
+                                           torch.Generator().manual_seed(self.cfg.run.seed + 2
+                                                                         + _RANK_STREAM * self.rank))
         else:
             batch = self.data.random_batch("train", self.cfg.tying.reward_batch_size, self.reward_generator)
         was_training = self.model.training
@@ -248,7 +250,8 @@ class Trainer:
         changed = check_settings(checkpoint.settings, self.settings, self.cfg.run.allow_changed)
         self.resume_record["overrides"] = changed
         if changed and self.sync.is_main:
-            print("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+            print("resuming with changed settings: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
                   file=sys.stderr, flush=True)
         self.controller.load_state_dict(state["controller"])
         load_model_tensors(self.model, tensors)
@@ -274,7 +277,8 @@ class Trainer:
         stop = min(cfg.run.max_steps, until) if until is not None else cfg.run.max_steps
         tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.facts.seq_len * self.world_size
         monitor = MemoryMonitor(self.device).start()
-        bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.run.progress),
+        bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train",
+                   disable=not (self.is_main and cfg.run.progress),
                    dynamic_ncols=True)
         # Step k+1's inputs are made (and pinned, for a GPU) on a worker thread while step k trains.
         prefetcher = StepPrefetcher(self.loader, lambda raw, step, micro: self.objective.train_inputs(

@@ -1,4 +1,4 @@
-"""The Q-learning agent (SPEC §1)."""
+"""The Q-learning agent (docs/method.md, "The Q-learning agent")."""
 
 import itertools
 

@@ -1,6 +1,7 @@
 """The options that change the learning problem, and the grow schedule."""
 
 import copy
+import dataclasses
 import math
 import statistics
 
@@ -261,9 +262,9 @@ def test_local_greedy_takes_the_best_gain_or_keeps_within_the_margin():
         bias[agent.qnet.offsets[0] + 1] = 0.2  # block 1 prefers its own root by 0.2
     action, explored = agent.act(s)
     assert not explored and action == [0, 0, 2, 3, 0]
-    agent.config.keep_margin = 0.6
+    agent.config = dataclasses.replace(agent.config, keep_margin=0.6)
     assert agent.act(s)[0] == s  # no gain clears the margin: keep the structure
-    agent.config.keep_margin = 0.3
+    agent.config = dataclasses.replace(agent.config, keep_margin=0.3)
     assert agent.act(s)[0] == [0, 0, 2, 3, 0]
     with pytest.raises(ConfigError):
         QLearningAgent(L, AgentConfig(moves="global"))

@@ -1,4 +1,4 @@
-"""The tying state algebra (SPEC §1, Eq. 1)."""
+"""The tying state algebra (docs/method.md, "Tie state and actions"; the paper's Eq. 1)."""
 
 import pytest
 from hypothesis import given

@@ -23,7 +23,8 @@ def snapshot(tying):
 
 
 def expected_after(vals, old, new, frozen):
-    """SPEC §1 written out independently: copies read the weights from before the decision."""
+    """docs/method.md ("What a decision does to weights") written out independently: copies read the
+    weights from before the decision."""
     out = []
     for i in range(len(new)):
         changed = old[i] != new[i] or i in frozen

@@ -76,13 +76,13 @@ def open_checkpoint(spec: str, out_dir: str, sync) -> tuple[Checkpoint, list[str
     return load_checkpoint(path), [os.path.basename(p) for p, _ in skipped]
 
 
-def check_checkpoint_fits(checkpoint: Checkpoint, cfg, world_size: int) -> None:
-    """The checkpoint's family, engine, place in the run's timeline and step against this run's."""
+def check_checkpoint_fits(checkpoint: Checkpoint, cfg) -> None:
+    """The checkpoint's family, place in the run's timeline and step against this run's (its engine:
+    ``megatie.engines.check_checkpoint_engine``)."""
     family = checkpoint.settings.get("model", "gpt2")  # runs from before families were named: GPT-2
     if family != cfg.model.family:
         raise CheckpointError(f"checkpoint was made with model={family!r}, this run has {cfg.model.family!r}; the "
                               f"model and its tie structure cannot change on resume (use train_{family}.py)")
-    check_engine(checkpoint.optimizer_state, cfg, world_size)
     check_timeline(checkpoint.path, checkpoint.step, cfg.run.out_dir)
     check_max_steps(checkpoint.step, cfg.run.max_steps)
 
@@ -101,29 +101,6 @@ def check_timeline(path: str, step: int, out_dir: str) -> None:
             f"{path!r} is at step {step} but {out_dir!r} already holds {os.path.basename(newer[-1])}: resuming "
             "here would overwrite the run's later checkpoints and metrics; to branch from it, resume into "
             f"a new run directory (--out-dir NEW --resume {path})")
-
-
-def check_engine(optimizer_state: dict, cfg, world_size: int) -> None:
-    """The checkpoint's engine, ZeRO stage, precision and rank count against this run's - checked
-    before anything is built, as an optimizer state only loads into the same layout."""
-    uses_deepspeed = cfg.uses_deepspeed
-    written_by_deepspeed = isinstance(optimizer_state, dict) and "deepspeed" in optimizer_state
-    if written_by_deepspeed and uses_deepspeed:
-        from megatie.engines.ds_config import zero_stage_of
-
-        info = optimizer_state["deepspeed"]
-        for key, mine in (("world_size", world_size), ("stage", zero_stage_of(cfg.engine.deepspeed_config)),
-                          ("precision", cfg.engine.precision)):
-            if info.get(key) != mine:
-                raise CheckpointError(f"the checkpoint was written with {key}={info.get(key)!r}, this run has "
-                                      f"{mine!r}; resume with the same DeepSpeed setup")
-    if written_by_deepspeed and not uses_deepspeed:
-        info = optimizer_state["deepspeed"]
-        raise CheckpointError(f"this checkpoint was written by the DeepSpeed engine (ZeRO stage {info.get('stage')}, "
-                              f"{info.get('world_size')} rank(s), {info.get('precision')}); resume it under deepspeed "
-                              "with --deepspeed CONFIG")
-    if uses_deepspeed and not written_by_deepspeed:
-        raise CheckpointError("this checkpoint was not written by the DeepSpeed engine; resume it without --deepspeed")
 
 
 def read_step(path: str) -> int:

@@ -15,9 +15,12 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from megatie.config import FinetuneConfig
 from megatie.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # the settings of `megatie finetune`; only their fields are read here
+    from megatie.config import FinetuneConfig
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 # GLUE tasks with one integer label: the text columns joined (pairs with a space), and the split

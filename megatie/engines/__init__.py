@@ -42,3 +42,28 @@ def build_engine(model, cfg, device, sync=None, observer=None):
 
         raise ConfigError("the plain torch engine runs in one process; pass --deepspeed CONFIG for several ranks")
     return TorchEngine(model, cfg, device, observer)
+
+
+def check_checkpoint_engine(optimizer_state: dict, cfg, world_size: int) -> None:
+    """The checkpoint's engine, ZeRO stage, precision and rank count against this run's - checked
+    before anything is built, as an optimizer state only loads into the same layout."""
+    from megatie.errors import CheckpointError
+
+    uses_deepspeed = cfg.uses_deepspeed
+    written_by_deepspeed = isinstance(optimizer_state, dict) and "deepspeed" in optimizer_state
+    if written_by_deepspeed and uses_deepspeed:
+        from megatie.engines.ds_config import zero_stage_of
+
+        info = optimizer_state["deepspeed"]
+        for key, mine in (("world_size", world_size), ("stage", zero_stage_of(cfg.engine.deepspeed_config)),
+                          ("precision", cfg.engine.precision)):
+            if info.get(key) != mine:
+                raise CheckpointError(f"the checkpoint was written with {key}={info.get(key)!r}, this run has "
+                                      f"{mine!r}; resume with the same DeepSpeed setup")
+    if written_by_deepspeed and not uses_deepspeed:
+        info = optimizer_state["deepspeed"]
+        raise CheckpointError(f"this checkpoint was written by the DeepSpeed engine (ZeRO stage {info.get('stage')}, "
+                              f"{info.get('world_size')} rank(s), {info.get('precision')}); resume it under deepspeed "
+                              "with --deepspeed CONFIG")
+    if uses_deepspeed and not written_by_deepspeed:
+        raise CheckpointError("this checkpoint was not written by the DeepSpeed engine; resume it without --deepspeed")

@@ -117,10 +117,10 @@ class DeepSpeedEngine:
         return [(decay, params) for (decay, _), params in groups.items()]
 
     def _optimizer_for(self, groups):
-        cfg = self.cfg
+        cfg, opt = self.cfg, self.cfg.optim
         # Fused on CUDA (build_adamw), but not when the masters it will step are offloaded to the host.
-        optimizer = build_adamw([{"params": params, "weight_decay": cfg.optim.weight_decay if decay == 0 else 0.0}
-                                 for decay, params in groups], cfg.optim.lr, (cfg.optim.adam_beta1, cfg.optim.adam_beta2), cfg.optim.adam_eps,
+        optimizer = build_adamw([{"params": params, "weight_decay": opt.weight_decay if decay == 0 else 0.0}
+                                 for decay, params in groups], opt.lr, (opt.adam_beta1, opt.adam_beta2), opt.adam_eps,
                                 fused=False if offloads_optimizer(cfg.engine.deepspeed_config) else None)
         return optimizer, lr_scheduler(optimizer, cfg)
 
@@ -242,6 +242,10 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.basic_optimizer.param_groups[0]["lr"]
+
+    @property
+    def optimizer_steps(self) -> int:
+        return int(self.engine.global_steps)
 
     def step_skipped(self) -> bool:
         """Whether fp16's loss scaler skipped the last step (an overflow lowers the scale instead)."""

@@ -71,7 +71,8 @@ def adam_step_tensor(step: float, master: torch.Tensor, optimizer: torch.optim.O
 
 def adamw_for(model: nn.Module, cfg) -> torch.optim.AdamW:
     """The run's AdamW over the model's unique trainable tensors (settings from ``TrainConfig``)."""
-    return build_adamw(param_groups(model, cfg.optim.weight_decay), cfg.optim.lr, (cfg.optim.adam_beta1, cfg.optim.adam_beta2), cfg.optim.adam_eps)
+    opt = cfg.optim
+    return build_adamw(param_groups(model, opt.weight_decay), opt.lr, (opt.adam_beta1, opt.adam_beta2), opt.adam_eps)
 
 
 def lr_factor(step: int, cfg) -> float:

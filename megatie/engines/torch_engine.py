@@ -67,6 +67,10 @@ class TorchEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def optimizer_steps(self) -> int:
+        return int(self.scheduler.last_epoch)  # the schedule steps once per optimizer step
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 

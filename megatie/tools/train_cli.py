@@ -22,14 +22,7 @@ from megatie.errors import ConfigError, MegatieError
 from megatie.presets import PRESETS
 from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
 from megatie.runtime.runlock import RunLock
-from megatie.tying.options import (
-    GROW_LAYOUTS,
-    MOVES,
-    POLICIES,
-    REWARD_NORMS,
-    REWARDS,
-    TIE_MODES,
-)
+from megatie.tying import options
 
 INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume auto)"
 
@@ -82,10 +75,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--adam-eps", type=float, default=d.adam_eps)
     tie = p.add_argument_group("tying")
     tie.add_argument("--tie-policy", default=d.tie_policy, metavar="NAME",
-                     help="; ".join(f"{k}: {v.help}" for k, v in POLICIES.items()))
+                     help="; ".join(f"{k}: {v.help}" for k, v in options.POLICIES.items()))
     tie.add_argument("--tie-every", type=int, default=d.tie_every, help="steps between decisions (k)")
-    tie.add_argument("--tie-mode", default=d.tie_mode, metavar="MODE", help=f"one of {', '.join(TIE_MODES)}")
-    tie.add_argument("--reward", default=d.reward, metavar="NAME", help=f"one of {', '.join(REWARDS)}")
+    tie.add_argument("--tie-mode", default=d.tie_mode, metavar="MODE", help=f"one of {', '.join(options.TIE_MODES)}")
+    tie.add_argument("--reward", default=d.reward, metavar="NAME", help=f"one of {', '.join(options.REWARDS)}")
     tie.add_argument("--reward-batch-size", type=int, help="batch for the reward (default: --batch-size)")
     tie.add_argument("--reference-run", help="finished qlearning run for static/replay/vanilla ablations")
     tie.add_argument("--static-state", type=_int_list, help="tie map for --tie-policy static, e.g. 0,0,2,2")
@@ -94,13 +87,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--gamma", type=float, default=d.gamma)
     tie.add_argument("--eps-decay", type=float, default=d.eps_decay)
     tie.add_argument("--eps-min", type=float, default=d.eps_min)
-    tie.add_argument("--reward-norm", default=d.reward_norm, choices=REWARD_NORMS,
+    tie.add_argument("--reward-norm", default=d.reward_norm, choices=options.REWARD_NORMS,
                      help="standardise rewards with a running mean/std before the TD update")
     tie.add_argument("--target-sync", type=int, default=d.target_sync,
                      help="bootstrap from a target Q-network refreshed every N updates (0: none)")
     tie.add_argument("--switch-cost", type=float, default=d.switch_cost,
                      help="reward penalty per block whose tie changed")
-    tie.add_argument("--agent-moves", default=d.agent_moves, choices=MOVES,
+    tie.add_argument("--agent-moves", default=d.agent_moves, choices=options.MOVES,
                      help="'vector': a whole new action each decision (the paper); 'local': change at most "
                           "one block's entry per decision")
     tie.add_argument("--keep-margin", type=float, default=d.keep_margin,
@@ -110,7 +103,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--grow-start", type=float, default=d.grow_start,
                      help="grow: fraction of training with every block tied to block 0")
     tie.add_argument("--grow-final", type=int, help="grow: groups at the end (default 4)")
-    tie.add_argument("--grow-layout", default=d.grow_layout, choices=GROW_LAYOUTS,
+    tie.add_argument("--grow-layout", default=d.grow_layout, choices=options.GROW_LAYOUTS,
                      help="grow: contiguous chunks (1, 2, ..., final groups) or block i -> i mod g "
                           "(g along a divisor chain such as 1, 2, 4, 12)")
     tie.add_argument("--param-budget", type=float,

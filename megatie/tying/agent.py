@@ -1,4 +1,4 @@
-"""The paper's Q-learning agent (SPEC §1).
+"""The paper's Q-learning agent (docs/method.md, "The Q-learning agent").
 
 The Q-network reads the state ``s[1..L-1]`` and outputs, for every block i = 1..L-1, one value
 per action 0..i: ``(L+2)(L-1)/2`` numbers. ``Q(s, a) = sum_i Q(s)[i, a[i]]``, so the greedy action

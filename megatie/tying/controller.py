@@ -1,4 +1,4 @@
-"""The tying schedule (SPEC §1): decide every k steps, apply, reward, learn, record.
+"""The tying schedule (docs/method.md, "The schedule"): decide every k steps, apply, reward, learn, record.
 
 The controller knows nothing about optimizers or engines: the trainer hands it a ``regroup``
 callback (plain torch or DeepSpeed) and a ``reward_loss`` callback that measures the model's loss

@@ -1,4 +1,4 @@
-"""Physical layer tying on Hugging Face transformer models (SPEC §1 semantics).
+"""Physical layer tying on Hugging Face transformer models (docs/method.md, "How blocks share weights").
 
 ``LayerTying`` owns the list of identical blocks of a model and binds, for every block and every
 parameter slot inside it (``attn.c_attn.weight``, ...), the tensor that block computes with:

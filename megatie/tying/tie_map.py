@@ -1,4 +1,4 @@
-"""The tying state and its algebra (SPEC §1, the paper's Eq. 1).
+"""The tying state and its algebra (docs/method.md, "Tie state and actions"; the paper's Eq. 1).
 
 A *state* ``s`` of length L says, for each block i, the lowest index of the group block i belongs
 to: ``0 <= s[i] <= i``, ``s[i] == i`` for a group root (a block with weights of its own) and
