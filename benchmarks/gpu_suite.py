@@ -13,7 +13,12 @@ Steps, in order (``--dry-run`` lists them with time estimates):
    16, sequence 256, ZeRO-2, bf16), conventional vs megatie, with and without activation
    checkpointing - honest peaks, NVML averages, tokens per second for both (throughput), and
    megatie's regroup time against its step time and carried bytes against its optimizer state;
-6. memory-fp32-ac (optional): the same in fp32.
+6. memory-fp32-ac (optional): the same in fp32;
+7. probe-memory (optional): ``split``'s gradient probe at the paper's shape, exact and sketched;
+8. depth-pays (optional, with ``--depth-train-file`` and ``--depth-valid-file``): whether depth pays at
+   GPT-2 124M's width - 12 blocks of 768 against untied models with at most a third of their
+   parameters (3x768, 1x1152), ``benchmarks/depth_grid.py``; on two CPU cores no such regime was found
+   (benchmarks/RESULTS.md, "Does depth pay at this scale?").
 
 A step that fails is recorded (exit status, output tail) and the suite goes on; optional steps are
 skipped when their estimate exceeds what is left of ``--budget-seconds``. One JSON (``--out``) and a
@@ -81,7 +86,7 @@ def plan(args) -> list[Step]:
         return Step(name, estimate, cmd, optional, [target])
 
     probe = os.path.join(out, "probe_memory.json")
-    return [
+    steps = [
         Step("environment", 10, [py, "-c", ENVIRONMENT]),
         Step("prepare-data", 10 if cached else 90, [py, "-c", prepare]),
         Step("gpu-tests", 90, [py, "-m", "pytest", "-q", "-m", "gpu", "tests"]),
@@ -94,6 +99,23 @@ def plan(args) -> list[Step]:
                                   str(shape["n_embd"]), "--seq-len", str(shape["seq_len"]), "--batch", "1",
                                   "--out", probe], optional=True, outputs=[probe]),
     ]
+    return steps + depth_step(py, args, out)
+
+
+
+def depth_step(py, args, out) -> list[Step]:
+    """The optional quality step: only where the user carried a corpus to train on (the machine is offline)."""
+    if not (args.depth_train_file and args.depth_valid_file):
+        return []
+    grid = os.path.join(out, "depth_grid")
+    shapes = ["--base", "4x64/2", "--candidates", "1x64/2", "--steps", "8", "--seeds", "0", "--lrs", "1e-3",
+              "--batch-size", "2", "--seq-len", "32"] if args.smoke else \
+        ["--base", "12x768/12", "--candidates", "3x768/12,1x1152/12", "--steps", "1500", "--seeds", "0",
+         "--lrs", "6e-4", "--batch-size", "16", "--seq-len", "256", "--vocab-size", "8192"]
+    return [Step("depth-pays", 60 if args.smoke else 600,
+                 [py, "benchmarks/depth_grid.py", "--train-file", args.depth_train_file, "--valid-file",
+                  args.depth_valid_file, *shapes, "--out-dir", grid, "--cache-dir", args.cache_dir],
+                 optional=True, outputs=[os.path.join(grid, "depth_grid.json")])]
 
 
 def run_step(step: Step, remaining: float) -> dict:
@@ -153,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-seconds", type=float, default=540.0, help="optional steps must fit in what is left")
     p.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache", "megatie"),
                    help="tokenizer and token shards (prepare here, carry along)")
+    p.add_argument("--depth-train-file", help="text to train the optional depth-pays step on (none: skipped)")
+    p.add_argument("--depth-valid-file", help="its held-out text")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the suite itself, on any machine")
     p.add_argument("--dry-run", action="store_true", help="list the steps and their estimates; run nothing")
     p.add_argument("--prepare-only", action="store_true", help="only tokenize the corpus into --cache-dir")

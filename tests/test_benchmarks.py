@@ -98,3 +98,31 @@ def test_probe_memory_benchmark_shows_the_sketch_saving_gradient_memory(tmp_path
     grads = report["rows"]["exact"]["all_block_grads_bytes"]
     assert exact >= 0.8 * grads and sketched < 0.5 * exact, (exact, sketched, grads)
     assert report["max_cosine_error"] < 0.05
+
+
+@pytest.mark.slow  # four short training runs through the launcher
+def test_depth_grid_compares_the_base_with_the_best_small_model_and_resumes(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from golden import corpus_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text(sentences=3000))
+    out = tmp_path / "grid"
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", "depth_grid.py"), "--train-file", str(corpus),
+            "--valid-file", str(corpus), "--base", "3x32", "--candidates", "1x32,1x16/1", "--lrs", "2e-3,8e-3",
+            "--seeds", "0", "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--budget", "0.9", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "depth_grid.json").read_text())
+    table, verdict = report["table"], report["verdict"]
+    assert set(table) == {"3x32", "1x32", "1x16/1"} and verdict["complete"]
+    base_lr_ppls = table["3x32"]["by_lr"]
+    assert verdict["base_ppl"] == min(runs["0"] for runs in base_lr_ppls.values())  # the base at its best lr
+    small = {s: min(r["0"] for r in table[s]["by_lr"].values()) for s in ("1x32", "1x16/1")}
+    assert verdict["best_small_ppl"] == min(small.values())
+    assert verdict["depth_pays"] == (verdict["best_small_ppl"] / verdict["base_ppl"] >= 1.05)
+    stamp = (out / "3x32_lr0.002_s0" / "summary.json").stat().st_mtime
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)  # nothing left to train
+    assert r.returncode == 0 and (out / "3x32_lr0.002_s0" / "summary.json").stat().st_mtime == stamp
