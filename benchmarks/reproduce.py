@@ -87,6 +87,21 @@ ROWS: dict[str, tuple[list[str], str]] = {
                        "as qlearning-local, rewarded with the loss drop over its interval on one fixed batch"),
     "split": (["--tie-policy", "split"], "all tied, then the most gradient-conflicted group split while "
               "within --param-budget (1/3)"),
+    # Relaxed ties and placement (docs/method.md, "Relaxed ties"), each on the default policy's structure.
+    "split-norms": (["--tie-policy", "split", "--tie-relax", "norms"], "split, norms and biases per position"),
+    "split-lora4": (["--tie-policy", "split", "--tie-relax", "lora:4"], "split, a rank-4 delta per tied position"),
+    "split-lora8": (["--tie-policy", "split", "--tie-relax", "lora:8"], "split, a rank-8 delta per tied position"),
+    "split-norms-lora8": (["--tie-policy", "split", "--tie-relax", "norms,lora:8"],
+                          "split, norms/biases per position and rank-8 deltas"),
+    "split-attention": (["--tie-policy", "split", "--tie-parts", "attention"], "split tying the attention only"),
+    "split-mlp": (["--tie-policy", "split", "--tie-parts", "mlp"], "split tying the MLP only"),
+    "split-middle": (["--tie-policy", "split", "--tie-keep-unique", "both"],
+                     "split over the middle blocks, the first and last kept unique"),
+    "cycle-middle": (["--tie-policy", "cycle", "--tie-keep-unique", "both"],
+                     "middle-cycle: the first and last blocks unique, the rest in a cycle of half of them"),
+    "alternate-lora8": (["--tie-policy", "alternate", "--tie-relax", "lora:8"], "alternate with rank-8 deltas"),
+    "untied-2": (["--tie-policy", "conventional", "--n-layer", "2"], "a plain model of two blocks"),
+    "untied-3": (["--tie-policy", "conventional", "--n-layer", "3"], "a plain model of three blocks"),
     # Schedules without learning.
     "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),
     "grow": (["--tie-policy", "grow"], "all tied to block 0, then 2/3/4 contiguous groups after 50% of training"),

@@ -26,12 +26,15 @@ from megatie.presets import PRESETS
 from megatie.tying.options import (
     DEFAULT_POLICY,
     GROW_LAYOUTS,
+    KEEP_UNIQUE,
     MOVES,
     POLICIES,
     REWARD_NORMS,
     REWARDS,
     TIE_MODES,
+    TIE_PARTS,
     AgentConfig,
+    parse_relax,
 )
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -122,6 +125,11 @@ class TyingSettings:
     grow_start: float = 0.5
     grow_final: int | None = None
     grow_layout: str = "contiguous"
+    # What a tie shares (megatie.tying.relax): per-position norms/biases and low-rank deltas, which parts
+    # of a block are tied, and the blocks kept out of tying altogether.
+    tie_relax: str = "none"
+    tie_parts: str = "all"
+    tie_keep_unique: str = "none"
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,7 @@ def validate(s) -> None:
         default = " (the default)" if s.tie_policy == DEFAULT_POLICY else ""
         raise ConfigError(f"--tie-policy {s.tie_policy}{default} measures each block's gradient: it needs "
                           "--tie-mode shared; with frozen-replica choose another policy (e.g. alternate)")
+    _validate_relax(s, info)
     if s.grow_final is not None and not 1 <= s.grow_final <= s.n_layer:
         raise ConfigError(f"--grow-final must be in 1..{s.n_layer}, got {s.grow_final}")
     if info.ties and s.n_layer < 2:
@@ -313,6 +322,22 @@ def validate(s) -> None:
     if s.dataset_dir and s.dataset != "lm1b":
         raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
                           "--dataset lm1b")
+
+def _validate_relax(s, info) -> None:
+    try:
+        relax = parse_relax(s.tie_relax)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if s.tie_parts not in TIE_PARTS or s.tie_keep_unique not in KEEP_UNIQUE:
+        raise ConfigError(f"--tie-parts must be one of {', '.join(TIE_PARTS)} and --tie-keep-unique one of "
+                          f"{', '.join(KEEP_UNIQUE)}; got {s.tie_parts!r}, {s.tie_keep_unique!r}")
+    if (relax.any or s.tie_parts != "all") and s.tie_mode != "shared":
+        raise ConfigError("--tie-relax and --tie-parts need --tie-mode shared (a frozen replica trains nothing)")
+    kept = {"none": 0, "first": 1, "last": 1, "both": 2}[s.tie_keep_unique]
+    if info.ties and s.n_layer - kept < 2:
+        raise ConfigError(f"--tie-keep-unique {s.tie_keep_unique} leaves {s.n_layer - kept} block(s) to tie; "
+                          "tying needs at least 2")
+
 
 def _validate_images(s) -> None:
     for name in ("image_size", "patch_size"):
@@ -331,7 +356,7 @@ def _validate_images(s) -> None:
 # ---------------------------------------------------------------------- a run's settings, as recorded
 # Settings that shape the model or its tie structure: a checkpoint only fits a run with the same.
 STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "pad_vocab_to", "num_classes",
-              "image_size", "patch_size", "tie_policy", "tie_mode", "tie_every")
+              "image_size", "patch_size", "tie_policy", "tie_mode", "tie_every", "tie_relax", "tie_parts", "tie_keep_unique")
 # Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
 FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
@@ -341,7 +366,7 @@ FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every",
                   # kernel choices (TF32 matmuls, compiled blocks): the same model, computed faster
                   "tf32", "compile"})
 # What a checkpoint written before a setting existed ran with (its settings lack the key).
-BEFORE_SETTING = {"pad_vocab_to": 1}
+BEFORE_SETTING = {"pad_vocab_to": 1, "tie_relax": "none", "tie_parts": "all", "tie_keep_unique": "none"}
 
 
 def recorded_settings(cfg: TrainConfig, facts: RunFacts) -> dict:

@@ -49,7 +49,7 @@ from megatie.runtime.distributed import RankSync
 from megatie.runtime.interrupts import raise_if_requested
 from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
-from megatie.tying.layers import LayerTying, count_parameters
+from megatie.tying.layers import count_parameters, tying_for
 from megatie.tying.options import POLICIES
 from megatie.tying.policies import roots_within_budget
 from megatie.tying.registry import build_policy, load_reference_run, policy_depth
@@ -129,7 +129,7 @@ class Trainer:
         cfg, facts = self.cfg, self.facts
         self.model = build_lm(self.spec, self.settings, seed=cfg.run.seed, device=self.device,
                               pad_to=cfg.model.pad_vocab_to)
-        self.tying = LayerTying(self.model, cfg.tying.tie_mode, block_path=self.spec.block_path)
+        self.tying = tying_for(self.model, self.spec.block_path, self.settings)
         self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
                                                      facts.n_layer, cfg.model.n_embd, facts.seq_len)
         self.peak_flops = None  # no MFU on a CPU
@@ -140,7 +140,7 @@ class Trainer:
     def _build_tying(self, reference) -> None:
         cfg = self.cfg
         tying = cfg.tying
-        self.policy = build_policy(tying.tie_policy, self.facts.n_layer, seed=cfg.run.seed, agent_config=cfg.agent,
+        self.policy = build_policy(tying.tie_policy, self.tying.num_blocks, seed=cfg.run.seed, agent_config=cfg.agent,
                                    reference=reference, static_state=tying.static_state,
                                    total_steps=cfg.run.max_steps, tie_every=tying.tie_every,
                                    grow_start=tying.grow_start, grow_final=tying.grow_final,
@@ -209,9 +209,9 @@ class Trainer:
     def _roots_within_budget(self) -> int | None:
         if not POLICIES[self.cfg.tying.tie_policy].takes_budget:
             return None
-        per_block = sum(t.numel() for t in self.tying.block_tensors(0))
-        return roots_within_budget(self.cfg.tying.param_budget, self.tying.untied_parameter_count(), per_block,
-                                   self.tying.num_blocks)
+        tying = self.tying
+        return roots_within_budget(self.cfg.tying.param_budget, tying.untied_parameter_count(), tying.block_numel(),
+                                   tying.num_blocks, tying.member_numel())
 
     def evaluate(self, split: str = "valid") -> float:
         """Perplexity over the split (``--eval-batches`` batches at most), weighted by predictions."""

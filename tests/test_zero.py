@@ -456,3 +456,56 @@ def test_cli_single_process_deepspeed_run(tmp_path):
                for k in ("regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"))
     init_deepspeed_distributed()  # the CLI tore the process group down; later tests need one
 
+
+
+# --------------------------------------------------------------------------- relaxed ties
+NORMS, LORA = ["--tie-relax", "norms"], ["--tie-relax", "norms,lora:4"]
+
+
+@pytest.fixture(scope="module")
+def relaxed_torch_references(tmp_path_factory, reference):
+    out = {}
+    for name, relax in (("norms", NORMS), ("lora", LORA)):
+        _, out[name] = _run(base_args(str(tmp_path_factory.mktemp(f"relaxed-{name}")), reference, steps=40) + relax)
+    return out
+
+
+def test_private_norms_under_zero2_match_the_torch_engine(tmp_path, reference, relaxed_torch_references,
+                                                          torch_reference_40):
+    """Per-position norms and biases carried through the replayed regroups like any tensor."""
+    trainer, losses = _run(base_args(str(tmp_path), reference, steps=40) + NORMS, ZERO2)
+    assert trainer.engine.regroups >= 3
+    assert _rel(losses, relaxed_torch_references["norms"]) <= 1e-6
+    assert _rel(losses, torch_reference_40) > 1e-4  # the relaxation changes training: the test can tell
+
+
+@pytest.mark.parametrize("bug", [None, "carried state dropped"])
+def test_deltas_under_zero2_follow_the_torch_engine(tmp_path, reference, relaxed_torch_references, monkeypatch, bug):
+    """Deltas created, carried, folded and dropped through the replayed regroups. Not to 1e-6: a new delta is
+    the truncated SVD of the position's weights minus its root, and singular vectors move by about the
+    weights' rounding differences (1e-7 between the engines) over the gap between singular values, so the
+    engines agree to 7e-6 here; a regroup that loses state is three orders of magnitude off."""
+    import megatie.engines.deepspeed_engine as engine
+
+    if bug:
+        monkeypatch.setattr(engine, "carry_in", lambda *a, **k: 0)
+    trainer, losses = _run(base_args(str(tmp_path), reference, steps=40) + LORA, ZERO2)
+    assert trainer.engine.regroups >= 3 and trainer.tying.relax.rank == 4
+    rel = _rel(losses, relaxed_torch_references["lora"])
+    assert (rel > 1e-3) if bug else (rel <= 1e-4), rel
+
+
+def test_relaxed_resume_across_regroups_is_exact(tmp_path, reference):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = base_args(full, reference, steps=36) + LORA + ["--checkpoint-every", "18", "--keep-checkpoints", "5"]
+    t = _trainer(args, ZERO2)
+    t.train()
+    ckpt = os.path.join(full, "checkpoints", "step_00000018")
+    resumed = _trainer(base_args(part, reference, steps=36) + LORA + ["--resume", ckpt], ZERO2)
+    assert resumed.step == 18
+    resumed.train()
+    a, b = _metrics_losses(full), _metrics_losses(part)
+    assert sorted(b) == list(range(19, 37))
+    assert max(abs(a[s] - b[s]) / abs(a[s]) for s in b) <= 1e-6
+    with pytest.raises(CheckpointError, match="tie_relax"):
+        _trainer(base_args(str(tmp_path / "other"), reference, steps=36) + ["--resume", ckpt], ZERO2)

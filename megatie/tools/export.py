@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import torch
@@ -63,7 +62,7 @@ def load_run(run_dir: str, which: str = "best"):
     from megatie.config import BEFORE_SETTING
     from megatie.models import get_spec
     from megatie.models.vocab import build_lm, unpad_vocab
-    from megatie.tying.layers import LayerTying
+    from megatie.tying.layers import tying_for
 
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir!r} is not a run directory (config.json and metrics.jsonl needed)")
@@ -72,7 +71,7 @@ def load_run(run_dir: str, which: str = "best"):
     spec = get_spec(settings.get("model", "gpt2"))  # runs from before families were named are GPT-2
     pad_to = settings.get("pad_vocab_to", BEFORE_SETTING["pad_vocab_to"])
     model = build_lm(spec, settings, seed=0, dropout=0.0, pad_to=pad_to)
-    tying = LayerTying(model, settings["tie_mode"], block_path=spec.block_path)
+    tying = tying_for(model, spec.block_path, settings)
     tying.load_state_dict(checkpoint.trainer_state["controller"]["tying"])
     load_model_tensors(model, checkpoint.tensors)
     unpad_vocab(model, settings["vocab_size"])  # the tokenizer's vocabulary: what exports and sampling see
@@ -81,15 +80,26 @@ def load_run(run_dir: str, which: str = "best"):
 
 
 def untied_state_dict(model, tying) -> dict[str, torch.Tensor]:
-    """Every tensor name of the model, a tied block's taken from its root (never a stale copy)."""
-    live, root = model.state_dict(), root_of(tying.state)
-    pattern = _block_pattern(tying.block_path)
-    out = {}
-    for name in live:
-        m = pattern.match(name)
-        source = f"{tying.block_path}.{root[int(m.group(1))]}.{m.group(2)}" if m else name
-        out[name] = live[source].detach().clone().contiguous()
-    return out
+    """Every tensor name of the plain model, each block's what it computes with: its root's tensors, its
+    own private ones, its delta folded in (never a stale copy; the deltas' own names left out)."""
+    from megatie.tying.relax import is_delta_name
+
+    effective = {tying.param_name(i, k): t for i in range(tying.num_blocks)
+                 for k, t in enumerate(tying.effective_tensors(i))}
+    return {name: effective.get(name, tensor).detach().clone().contiguous()
+            for name, tensor in model.state_dict().items() if not is_delta_name(name)}
+
+
+def plain_tie_state(tying) -> list[int] | None:
+    """The tie map a plain model can be re-tied with (fine-tuning), or None where positions differ beyond
+    their root's weights (relaxed ties, tied parts) or the map covers only some blocks (kept-unique)."""
+    plain = not tying.relax.any and tying.parts == "all" and tying.keep_unique == "none"
+    return list(tying.state) if plain else None
+
+
+def relax_record(tying) -> dict:
+    """How the ties were relaxed, as recorded in exports and their cards."""
+    return {"relax": str(tying.relax), "parts": tying.parts, "keep_unique": tying.keep_unique}
 
 
 def root_of(state) -> list[int]:
@@ -100,10 +110,6 @@ def root_of(state) -> list[int]:
             i = state[i]
         out.append(i)
     return out
-
-
-def _block_pattern(block_path: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(block_path)}\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------------- writing
@@ -168,7 +174,7 @@ def _export_image_processor(model, processor_dir: str, tmp: str) -> None:
 def _write_hf(model, tying, tmp: str) -> None:
     config = model.config
     config._attn_implementation = None  # let the loading side choose its attention kernel
-    setattr(config, TIE_STATE_KEY, list(tying.state))  # so that fine-tuning can keep the ties
+    setattr(config, TIE_STATE_KEY, plain_tie_state(tying))  # so that fine-tuning can keep the ties
     plain = type(model)(config)  # the same transformers class, every block with weights of its own
     plain.load_state_dict(untied_state_dict(model, tying))
     plain.save_pretrained(tmp, safe_serialization=True)
@@ -179,15 +185,13 @@ def _write_compact(model, tying, tmp: str) -> None:
 
     from megatie.checkpoint.store import unique_state_dict
 
-    root, pattern = root_of(tying.state), _block_pattern(tying.block_path)
-    unique = unique_state_dict(model)  # an output layer that is the token embedding is stored once
-    kept = {n: t for n, t in untied_state_dict(model, tying).items()
-            if n in unique and ((m := pattern.match(n)) is None or root[int(m.group(1))] == int(m.group(1)))}
-    save_file(kept, os.path.join(tmp, "model.safetensors"))
+    # Each distinct tensor once, under its first name: a group's tensors at its root (the lowest block),
+    # private slots and deltas at their own position, an output layer that is the embedding once.
+    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
     model.config.to_json_file(os.path.join(tmp, "config.json"))
     with open(os.path.join(tmp, COMPACT_MAP), "w", encoding="utf-8") as f:
-        json.dump({"format": "megatie-compact", "version": 1, "state": list(tying.state),
-                   "block_path": tying.block_path}, f, indent=1)
+        json.dump({"format": "megatie-compact", "version": 2, "state": list(tying.state),
+                   "block_path": tying.block_path, **relax_record(tying)}, f, indent=1)
 
 
 def load_compact(path: str):
@@ -208,9 +212,19 @@ def load_compact(path: str):
         model = getattr(transformers, config.architectures[0])(config)
     else:  # exports from before other families: causal LMs
         model = transformers.AutoModelForCausalLM.from_config(config)
-    LayerTying(model, "shared", tie_map["block_path"]).initialize(tie_map["state"])
+    tying = LayerTying(model, "shared", tie_map["block_path"], relax=tie_map.get("relax"),
+                       parts=tie_map.get("parts", "all"), keep_unique=tie_map.get("keep_unique", "none"))
+    tying.initialize(tie_map["state"])
     load_model_tensors(model, load_file(os.path.join(path, "model.safetensors")))
+    model.megatie_tying = tying  # what untied_state_dict and fine-tuning need to read it
     return model.eval()
+
+
+def export_sizes(tying) -> tuple[int, int]:
+    """``(stored, materialised)`` parameter counts: the compact export's distinct tensors, the hf export's."""
+    from megatie.tying.layers import unique_parameters
+
+    return sum(p.numel() for p in unique_parameters(tying.model)), tying.untied_parameter_count()
 
 
 # The transformers auto class that loads each family's export, and how the card names the model.
@@ -225,6 +239,10 @@ def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
     family = settings.get("model", "gpt2")
     auto, title = _CARDS.get(family, _CARDS["gpt2"])
     inputs = "AutoImageProcessor" if family == "vit" else "AutoTokenizer"
+    record = relax_record(tying)
+    relaxed = (f"`{record['relax']}` (per position), tied parts `{record['parts']}`, kept out of tying "
+               f"`{record['keep_unique']}`; the map below covers blocks {tying.offset}..{tying.offset + len(state) - 1}")
+    stored, materialised = export_sizes(tying)
     load = (f"from transformers import {auto}, {inputs}\nmodel = {auto}.from_pretrained(PATH)\n"
             f"{'processor' if family == 'vit' else 'tokenizer'} = {inputs}.from_pretrained(PATH)"
             if fmt == "hf" else "from megatie.tools.export import load_compact\nmodel = load_compact(PATH)")
@@ -241,6 +259,9 @@ tags: [{family}, megatie, layer-tying]
 - Tie map at this checkpoint (`{which}`): block i uses the weights of block `root[i]`, `root` =
   `{root_of(state)}` (state `{state}`):
   {independent} independent block(s) of {len(state)}.
+- Ties relaxed: {relaxed}.
+- Sizes: {stored:,} parameters stored by the compact export (roots, deltas, per-position tensors),
+  {materialised:,} in the standard model (every block materialised).
 - Trained with tie policy `{settings['tie_policy']}` (mode `{settings['tie_mode']}`, a decision every
   {settings['tie_every']} steps), {settings['max_steps']} steps, lr {settings['lr']}, micro-batch {settings['batch_size']}.
 - Format: `{fmt}` - {"every block has weights of its own (tied blocks hold copies of their root's)" if fmt == "hf"

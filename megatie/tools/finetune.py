@@ -33,6 +33,7 @@ def load_backbone(source: str, checkpoint: str = "best"):
         is_run_dir,
         load_compact,
         load_run,
+        plain_tie_state,
         untied_state_dict,
     )
 
@@ -40,14 +41,16 @@ def load_backbone(source: str, checkpoint: str = "best"):
         model, tying, settings = load_run(source, checkpoint)
         if settings.get("model", "gpt2") != "gpt2":
             raise ConfigError(f"{source!r} is a {settings['model']} run; fine-tuning takes GPT-2 runs so far")
-        return model.config, untied_state_dict(model, tying), list(tying.state), os.path.join(source, "tokenizer")
+        # Relaxed positions differ beyond their root's weights: they are fine-tuned untied, as exported.
+        state = plain_tie_state(tying) or list(range(model.config.n_layer))
+        return model.config, untied_state_dict(model, tying), state, os.path.join(source, "tokenizer")
     if os.path.isfile(os.path.join(source, COMPACT_MAP)):
-        with open(os.path.join(source, COMPACT_MAP), encoding="utf-8") as f:
-            state = json.load(f)["state"]
         model = load_compact(source)
         if model.config.model_type != "gpt2":
             raise ConfigError(f"{source!r} holds a {model.config.model_type} model; fine-tuning takes GPT-2 so far")
-    elif os.path.isfile(os.path.join(source, "config.json")):
+        state = plain_tie_state(model.megatie_tying) or list(range(model.config.n_layer))
+        return model.config, untied_state_dict(model, model.megatie_tying), state, source
+    if os.path.isfile(os.path.join(source, "config.json")):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if "GPT2LMHeadModel" not in (AutoConfig.from_pretrained(source).architectures or []):

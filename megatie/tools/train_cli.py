@@ -109,6 +109,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie.add_argument("--param-budget", type=float,
                      help="split: trainable parameters never above this fraction of conventional's (default: 1/3, "
                           "and at least two independent blocks where a third cannot pay for them)")
+    tie.add_argument("--tie-relax", default=d.tie_relax, metavar="KINDS",
+                     help="what a tied position keeps of its own: none, norms (norm parameters and biases), "
+                          "lora:R (a rank-R delta on each tied weight matrix), or norms,lora:R")
+    tie.add_argument("--tie-parts", default=d.tie_parts, choices=options.TIE_PARTS,
+                     help="which part of a block is tied: all, attention only, or the MLP only")
+    tie.add_argument("--tie-keep-unique", default=d.tie_keep_unique, choices=options.KEEP_UNIQUE,
+                     help="blocks kept out of tying: the first, the last or both (middle-cycle sharing)")
     data = p.add_argument_group("data")
     data.add_argument("--train-file", dest="train_files", action="append", default=[],
                       help="text file or glob (.txt, .jsonl, .gz); repeatable")

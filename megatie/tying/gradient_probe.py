@@ -55,8 +55,8 @@ def _bound(tying, leaves) -> dict:
     """Every block's every slot, by its name in the model, bound to that block's own leaf."""
     bound = {}
     for i in range(tying.num_blocks):
-        for k, (prefix, name) in enumerate(tying.slots):
-            bound[".".join(p for p in (tying.block_path, str(i), prefix, name) if p)] = leaves[i][k]
+        for k in range(len(tying.slots)):
+            bound[tying.param_name(i, k)] = leaves[i][k]
     return bound
 
 

@@ -71,3 +71,39 @@ class AgentConfig:
 
 # How a tied member holds its root's weights (see ``megatie.tying.layers``).
 TIE_MODES = ("shared", "frozen-replica")
+
+# What a tie shares (see ``megatie.tying.relax``): the parts of a block that are tied, the blocks kept
+# out of tying altogether, and what each tied position keeps of its own.
+TIE_PARTS = ("all", "attention", "mlp")
+KEEP_UNIQUE = ("none", "first", "last", "both")
+
+
+@dataclass(frozen=True)
+class Relax:
+    """``--tie-relax``: ``norms`` keeps every norm parameter and bias per position while the weight matrices
+    are tied; ``lora:R`` gives each tied position a rank-R delta on each tied weight matrix."""
+    norms: bool = False
+    rank: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.norms or self.rank > 0
+
+    def __str__(self) -> str:
+        parts = (["norms"] if self.norms else []) + ([f"lora:{self.rank}"] if self.rank else [])
+        return ",".join(parts) or "none"
+
+
+def parse_relax(text: str | None) -> Relax:
+    """``none``, ``norms``, ``lora:R`` or both, comma-separated; a ``ValueError`` naming the bad part."""
+    norms, rank = False, 0
+    for item in (p.strip() for p in str(text or "none").split(",")):
+        if item in ("", "none"):
+            continue
+        if item == "norms":
+            norms = True
+        elif item.startswith("lora:") and item[5:].isdigit() and int(item[5:]) > 0:
+            rank = int(item[5:])
+        else:
+            raise ValueError(f"--tie-relax: {item!r} is not one of none, norms, lora:R (R a positive integer)")
+    return Relax(norms, rank)

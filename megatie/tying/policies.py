@@ -296,15 +296,20 @@ DEFAULT_PARAM_BUDGET = 1 / 3
 DEFAULT_MIN_ROOTS = 2
 
 
-def roots_within_budget(budget: float | None, conventional: int, per_block: int, num_blocks: int) -> int:
+def roots_within_budget(budget: float | None, conventional: int, per_block: int, num_blocks: int,
+                        per_member: int = 0) -> int:
     """How many independent blocks keep the trainable parameters within ``budget`` x conventional's: the
     parameters outside the blocks (embeddings, final norm) always train; each root adds one block's.
 
     ``None`` is the default: a third, but never fewer than two roots. Where the embeddings alone take a
     third (GPT-2's 50k-token vocabulary on 12 blocks of 768, or a tiny model with 8192 tokens), a third
     buys no block at all; two roots is what a fixed two-block cycle (``alternate``) spends. A budget the
-    user sets is kept exactly, and one that cannot pay for a block is refused."""
-    outside = conventional - num_blocks * per_block
+    user sets is kept exactly, and one that cannot pay for a block is refused.
+
+    Relaxed ties: every position that is not a root costs ``per_member`` (its private slots and deltas), so
+    a root costs ``per_block - per_member`` more than a member, and the budget pays for the members first."""
+    outside = conventional - num_blocks * per_block + num_blocks * per_member
+    per_block -= per_member
     if budget is None:
         affordable = int((DEFAULT_PARAM_BUDGET * conventional - outside) // per_block)
         return min(num_blocks, max(DEFAULT_MIN_ROOTS, affordable))
