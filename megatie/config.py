@@ -334,7 +334,7 @@ def _validate_relax(s, info) -> None:
     if (relax.any or s.tie_parts != "all") and s.tie_mode != "shared":
         raise ConfigError("--tie-relax and --tie-parts need --tie-mode shared (a frozen replica trains nothing)")
     kept = {"none": 0, "first": 1, "last": 1, "both": 2}[s.tie_keep_unique]
-    if info.ties and s.n_layer - kept < 2:
+    if kept and info.ties and s.n_layer - kept < 2:
         raise ConfigError(f"--tie-keep-unique {s.tie_keep_unique} leaves {s.n_layer - kept} block(s) to tie; "
                           "tying needs at least 2")
 
