@@ -231,3 +231,15 @@ def test_compact_export_keeps_roots_deltas_and_private_tensors(tmp_path):
     assert loaded.megatie_tying.state == [0, 0, 2, 2, 2] and str(loaded.megatie_tying.relax) == "norms,lora:4"
     stored, materialised = export_sizes(tying)
     assert stored == count_parameters(model)[1] < materialised == tying.untied_parameter_count()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tie-relax", "lora:0"], "--tie-relax"),
+    (["--tie-relax", "norms", "--tie-mode", "frozen-replica", "--tie-policy", "alternate"], "shared"),
+    (["--tie-keep-unique", "both", "--n-layer", "3"], "leaves 1 block"),
+])
+def test_bad_relax_flags_are_refused_by_the_config(flags, needle):
+    from megatie.tools.train_cli import build_parser, config_from_args
+
+    with pytest.raises(ConfigError, match=needle):
+        config_from_args(build_parser().parse_args(["--train-file", "x.txt", *flags])).resolved()
