@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -261,6 +263,7 @@ def validate(s) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    _validate_numbers(s)
     if not (0 <= s.adam_beta1 < 1 and 0 <= s.adam_beta2 < 1 and s.adam_eps > 0):
         raise ConfigError(f"Adam settings out of range: betas ({s.adam_beta1}, {s.adam_beta2}) must be in "
                           f"[0, 1) and eps ({s.adam_eps}) positive")
@@ -272,6 +275,8 @@ def validate(s) -> None:
         raise ConfigError(f"--n-embd ({s.n_embd}) must be divisible by --n-head ({s.n_head})")
     if s.vocab_size is not None and s.vocab_size < 16:
         raise ConfigError(f"--vocab-size must be at least 16, got {s.vocab_size}")
+    if s.vocab_size is not None and s.vocab_size > MAX_VOCAB:
+        raise ConfigError(f"--vocab-size must be at most {MAX_VOCAB}, got {s.vocab_size}")
     if not 0 < s.mask_prob < 1:
         raise ConfigError(f"--mask-prob must be in (0, 1), got {s.mask_prob}")
     _validate_images(s)
@@ -322,6 +327,32 @@ def validate(s) -> None:
     if s.dataset_dir and s.dataset != "lm1b":
         raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
                           "--dataset lm1b")
+
+MAX_VOCAB = 1 << 22  # four million pieces: beyond every tokenizer in use, and an embedding of GBs at any width
+# Bounds, inclusive, of numbers the checks above and below leave open (a float must be finite, always).
+BOUNDS = {"seed": (0, 2**31 - 1), "eval_batches": (1, None), "warmup_steps": (0, None), "grad_clip": (0, None),
+          "weight_decay": (0, None), "min_lr_ratio": (0, 1), "pad_vocab_to": (1, 1 << 16),
+          "gamma": (0, 1), "agent_lr": (0, None), "eps_start": (0, 1), "eps_decay": (0, 1), "eps_min": (0, 1),
+          "agent_hidden": (1, None), "grad_accum": (1, None)}
+
+
+def _validate_numbers(s) -> None:
+    for name, value in vars(s).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name, (low, high) in BOUNDS.items():
+        value = getattr(s, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {span}, got {value}")
+    if s.allow_changed and not s.resume:
+        raise ConfigError("--allow-changed names settings a resumed run may change: it needs --resume")
+    cache = os.path.expanduser(str(s.cache_dir))
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise ConfigError(f"--cache-dir {s.cache_dir} exists and is not a directory")
+
 
 def _validate_relax(s, info) -> None:
     try:

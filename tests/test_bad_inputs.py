@@ -206,6 +206,30 @@ CHEAP = [
     ("ds-config-stage-3", "stage", lambda p: _ds_config(p, {"zero_optimization": {"stage": 3}})),
     ("ds-config-both-precisions", "both", lambda p: _ds_config(p, {"bf16": {"enabled": True},
                                                                     "fp16": {"enabled": True}})),
+    # Accepted before, and then did something else than asked, or a traceback.
+    ("seed-negative", "--seed must be in", ["--seed=-1"]),
+    ("seed-beyond-any-generator", "--seed must be in", ["--seed", str(2**70)]),
+    ("pad-vocab-huge", "--pad-vocab-to must be in", ["--pad-vocab-to", "1000000000"]),
+    ("vocab-huge", "--vocab-size must be at most", ["--vocab-size", "100000000"]),
+    ("eval-batches-zero", "--eval-batches must be at least 1", ["--eval-batches", "0"]),
+    ("warmup-negative", "--warmup-steps must be at least 0", ["--warmup-steps=-5"]),
+    ("grad-clip-nan", "--grad-clip must be a finite number", ["--grad-clip", "nan"]),
+    ("grad-clip-negative", "--grad-clip must be at least 0", ["--grad-clip=-1"]),
+    ("lr-inf", "--lr must be a finite number", ["--lr", "inf"]),
+    ("weight-decay-nan", "--weight-decay must be a finite number", ["--weight-decay", "nan"]),
+    ("gamma-above-one", "--gamma must be in", ["--gamma", "1.5"]),
+    ("eps-decay-nan", "--eps-decay must be a finite number", ["--eps-decay", "nan"]),
+    ("allow-changed-without-resume", "needs --resume", ["--allow-changed", "lr"]),
+    ("allow-changed-naming-nothing", "name at least one setting", ["--allow-changed", ","]),
+    ("cache-dir-a-file", "--cache-dir", lambda p: ["--cache-dir", p.file("cache-file", "x")]),
+    ("train-file-a-fifo", "not a regular file", lambda p: (os.mkfifo(p.root / "fifo"), ["--train-file",
+                                                                                         str(p.root / "fifo")])[1]),
+    ("ds-enabled-a-string", "JSON booleans", lambda p: _ds_config(p, {"bf16": {"enabled": "false"}})),
+    ("ds-steps-per-print-text", "steps_per_print must be a positive whole number",
+     lambda p: _ds_config(p, {"steps_per_print": "10"})),
+    ("ds-bucket-text", "reduce_bucket_size", lambda p: _ds_config(p, {"zero_optimization": {
+        "stage": 2, "reduce_bucket_size": "big"}})),
+    ("ds-nested-100000-deep", "nests deeper", lambda p: _ds_config(p, "[" * 100_000 + "]" * 100_000)),
 ]
 
 HEAVY = [  # read a checkpoint or prepared data first: a few seconds each

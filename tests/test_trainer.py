@@ -68,6 +68,26 @@ def test_conventional_keeps_every_block(tmp_path, cache_dir):
     assert rows(tmp_path, "decision") == []
 
 
+def test_allowed_changes_take_effect_on_resume(tmp_path, cache_dir):
+    """lr, weight decay and betas changed on resume (and allowed) are what the optimizer uses from the first
+    step after it: load_state_dict alone would bring back the checkpoint's."""
+    from megatie.engines.optim import lr_factor
+
+    run = tmp_path / "run"
+    Trainer(small_config(run, cache_dir, checkpoint_every=10, lr=1e-3)).train(until=10)
+    cfg = small_config(run, cache_dir, resume="auto", checkpoint_every=10, lr=0.06, weight_decay=0.2,
+                       adam_beta2=0.9, allow_changed=["lr", "weight_decay", "adam_beta2"])
+    resumed = Trainer(cfg)
+    groups = resumed.engine.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and all(g["betas"] == (0.9, 0.9) for g in groups)
+    resumed.train(until=12)
+    fresh = tmp_path / "fresh"  # the schedule a run at the new settings follows
+    Trainer(small_config(fresh, cache_dir, lr=0.06, weight_decay=0.2, adam_beta2=0.9)).train(until=12)
+    lrs = {r["step"]: r["lr"] for r in rows(run, "train") if r["step"] > 10}
+    expected = {r["step"]: r["lr"] for r in rows(fresh, "train") if r["step"] > 10}
+    assert lrs == expected and lrs[11] in (0.06 * lr_factor(10, resumed.cfg), 0.06 * lr_factor(11, resumed.cfg))
+
+
 def test_resume_across_regroups_is_exact(tmp_path, cache_dir):
     full = tmp_path / "full"
     Trainer(small_config(full, cache_dir, checkpoint_every=10)).train()

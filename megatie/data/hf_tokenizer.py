@@ -16,6 +16,7 @@ import os
 import shutil
 
 from megatie.errors import CheckpointError
+from megatie.runtime.trusted_dirs import NO_REMOTE_CODE, refuse_remote_code
 
 SP_FILE = "tokenizer.model"
 
@@ -66,7 +67,8 @@ def export_tokenizer(tokenizer_dir: str, out_dir: str) -> dict[str, int]:
         tokenizer = fast_from_sentencepiece(sp_model)
         shutil.copyfile(sp_model, os.path.join(out_dir, SP_FILE))
     elif os.path.isdir(tokenizer_dir) and os.listdir(tokenizer_dir):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        refuse_remote_code(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, **NO_REMOTE_CODE)
     else:
         raise CheckpointError(f"{os.path.dirname(tokenizer_dir)!r} holds no tokenizer/ (runs save theirs there); "
                               "without it the model's ids have no text")

@@ -112,6 +112,8 @@ def resolve_files(patterns: list[str] | str) -> list[str]:
                 raise DataError(f"{m} is a directory; pass the text files inside it (a glob works)")
             if not os.path.exists(m):
                 raise DataError(f"file not found: {m}; check the path")
+            if not os.path.isfile(m):  # a FIFO or a device would block a read, or never end
+                raise DataError(f"{m} is not a regular file (a pipe, socket or device); pass a file on disk")
             if not os.access(m, os.R_OK):
                 raise DataError(f"cannot read {m} (permission denied); fix its permissions")
             files.append(os.path.abspath(m))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from megatie.errors import DataError
+from megatie.runtime.trusted_dirs import NO_REMOTE_CODE, refuse_remote_code
 
 # Reserved in every SentencePiece model we train, so the same model serves causal and
 # masked LM and an MLM run never has to retrain the tokenizer.
@@ -99,8 +100,10 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.name_or_path = name_or_path
+        if os.path.isdir(name_or_path):
+            refuse_remote_code(name_or_path)
         try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            self.tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, **NO_REMOTE_CODE)
         except Exception:  # OSError, ValueError, EnvironmentError depending on the version
             if name_or_path == "gpt2":
                 raise DataError(GPT2_MISSING) from None
@@ -177,6 +180,20 @@ def resolve_tokenizer(name: str):
                     "directory or a SentencePiece .model file")
 
 
+def _verify_trained(model: Path, vocab_size: int) -> None:
+    """A model enters the cache only if it loads whole: SentencePiece does not report a failed write (a
+    full disk, a file-size limit), and a truncated model in the cache would break every later run."""
+    import sentencepiece as spm
+
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    except (OSError, RuntimeError):
+        pieces = None
+    if pieces != vocab_size:
+        raise DataError(f"the trained tokenizer could not be written whole to {model.parent.parent} (is the disk "
+                        "full, or a file-size limit set?); nothing was cached") from None
+
+
 def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str | os.PathLike,
                         num_threads: int | None = None) -> SentencePieceTokenizer:
     """Train (or fetch from cache) a unigram SentencePiece model on ``sample_lines``.
@@ -226,6 +243,7 @@ def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str
             msg = text.splitlines()[-1][:200] if text else "training failed"
             raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary on this "
                             f"corpus ({msg}); pass a smaller --vocab-size or more text") from None
+        _verify_trained(tmp / "spm.model", vocab_size)
         try:
             os.rename(tmp, final)
         except OSError:

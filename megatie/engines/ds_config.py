@@ -42,6 +42,8 @@ def _read(source) -> tuple[dict, str]:
             return json.load(f), where
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nests deeper than any DeepSpeed config does") from None
 
 
 def load_ds_config(source) -> dict:
@@ -67,10 +69,47 @@ def load_ds_config(source) -> dict:
         raise ConfigError(f"{where}: offload_param is a ZeRO-3 feature; use offload_optimizer with stage 1 or 2")
     if "offload_optimizer" in zero and stage == 0:
         raise ConfigError(f"{where}: offload_optimizer needs zero_optimization.stage 1 or 2")
+    _check_types(user, where)
     enabled = [k for k in ("fp16", "bf16") if isinstance(user.get(k), dict) and user[k].get("enabled")]
     if len(enabled) > 1:
         raise ConfigError(f"{where} enables both fp16 and bf16; choose one")
     return user
+
+
+# Values DeepSpeed reads with a type in mind; checked here, before DeepSpeed (mid-run, for some) sees them.
+# "enabled", anywhere, is a JSON boolean too: DeepSpeed takes the string "false" for on.
+BOOLEANS = {"wall_clock_breakdown", "zero_optimization.overlap_comm", "zero_optimization.contiguous_gradients",
+            "zero_optimization.reduce_scatter", "zero_optimization.allgather_partitions",
+            "zero_optimization.round_robin_gradients", "zero_optimization.offload_optimizer.pin_memory"}
+COUNTS = {"steps_per_print", "zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
+          "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis"}
+NUMBERS = {"fp16.loss_scale", "fp16.min_loss_scale"}
+
+
+def _check_types(user: dict, where: str) -> None:
+    for path, value in _leaves(user):
+        if path in BOOLEANS or path.endswith("enabled"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {path} must be true or false (JSON booleans), got {value!r}")
+        elif path in COUNTS:
+            if not _number(value) or not float("inf") > value >= 1 or value != int(value):
+                raise ConfigError(f"{where}: {path} must be a positive whole number, got {value!r}")
+        elif path in NUMBERS:
+            if not _number(value) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{where}: {path} must be a finite number >= 0, got {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
 
 
 def precision_of(user: dict) -> str:

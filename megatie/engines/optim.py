@@ -89,6 +89,19 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_schedu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
 
+def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
+    """Make a restored optimizer and schedule follow this run's settings. ``load_state_dict`` brings back
+    the checkpoint's lr, betas, eps and weight decay with the moments; a resume that was allowed to change
+    them (``--allow-changed lr``) must train with the new ones from its first step on."""
+    opt = cfg.optim
+    for index, group in enumerate(optimizer.param_groups):
+        group["weight_decay"] = opt.weight_decay if index == 0 else 0.0  # the order of param_groups
+        group["betas"], group["eps"], group["initial_lr"] = (opt.adam_beta1, opt.adam_beta2), opt.adam_eps, opt.lr
+        group["lr"] = opt.lr * lr_factor(scheduler.last_epoch, cfg)  # what LambdaLR itself computes
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def state_bytes(state: dict) -> int:
     """Bytes of the tensors in an optimizer's per-parameter state."""
     return sum(v.numel() * v.element_size() for st in state.values() for v in st.values()

@@ -12,6 +12,7 @@ import torch
 from megatie.checkpoint.store import save_checkpoint
 from megatie.engines.optim import (
     adamw_for,
+    apply_optim_settings,
     lr_scheduler,
     regroup_optimizer,
     state_bytes,
@@ -80,6 +81,7 @@ class TorchEngine:
             self.scheduler.load_state_dict(sd["scheduler"])
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+        apply_optim_settings(self.optimizer, self.scheduler, self.cfg)
 
     def step_skipped(self) -> bool:
         """Whether the last step was skipped by a loss scaler (never: this engine has none)."""

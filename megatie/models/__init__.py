@@ -11,7 +11,7 @@ import importlib
 
 from megatie.models.spec import ModelSpec, quiet_build
 
-__all__ = ["MODEL_FAMILIES", "ModelSpec", "get_spec", "quiet_build"]
+__all__ = ["MODEL_FAMILIES", "ModelSpec", "family_of_class", "get_spec", "quiet_build"]
 
 # Model families (``megatie.models.<name>`` builds each); each has a launcher, launchers/train_<name>.py.
 MODEL_FAMILIES: tuple[str, ...] = ("gpt2", "llama", "bert", "vit")
@@ -23,4 +23,17 @@ def get_spec(family: str) -> ModelSpec:
 
         raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(MODEL_FAMILIES)}")
     return importlib.import_module(f"megatie.models.{family}").SPEC
+
+
+def family_of_class(hf_class: str) -> ModelSpec:
+    """The family whose runs leave a ``hf_class`` model; a class named by a file is checked against ours
+    before anything is built from it."""
+    for family in MODEL_FAMILIES:
+        spec = get_spec(family)
+        if spec.hf_class == hf_class:
+            return spec
+    from megatie.errors import ConfigError
+
+    known = ", ".join(get_spec(f).hf_class for f in MODEL_FAMILIES)
+    raise ConfigError(f"the model class {hf_class!r} is not one megatie trains ({known})")
 

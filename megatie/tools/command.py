@@ -89,12 +89,15 @@ def _validate(args) -> None:
         raise ConfigError("--max-new-tokens must be at least 1")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError("--batch-size must be at least 1")
-    if getattr(args, "temperature", 0.0) < 0:
-        raise ConfigError("--temperature must not be negative")
+    if not 0 <= getattr(args, "temperature", 0.0) < float("inf"):  # nan fails too
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
         raise ConfigError("--top-p must be in (0, 1]")
     if getattr(args, "top_k", None) is not None and args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
+    json_out = getattr(args, "json", None)
+    if json_out and (os.path.isdir(json_out) or not os.path.isdir(os.path.dirname(os.path.abspath(json_out)))):
+        raise ConfigError(f"--json {json_out}: name a file in an existing directory")
     source = getattr(args, "source", None) or args.run_dir
     if not os.path.isdir(source):
         raise ConfigError(f"{source} is not a directory")

@@ -196,6 +196,15 @@ def _write_compact(model, tying, tmp: str) -> None:
 
 def load_compact(path: str):
     """The compact export's model, its tied blocks sharing their root's tensors."""
+    from megatie.models import family_of_class
+    from megatie.runtime.trusted_dirs import NO_REMOTE_CODE, refuse_remote_code
+
+    refuse_remote_code(path)
+    try:
+        with open(os.path.join(path, COMPACT_MAP), encoding="utf-8") as f:
+            tie_map = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path!r} is not a compact megatie export: {e}") from None
     import transformers
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -203,13 +212,13 @@ def load_compact(path: str):
     from megatie.tying.layers import LayerTying
 
     try:
-        with open(os.path.join(path, COMPACT_MAP), encoding="utf-8") as f:
-            tie_map = json.load(f)
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path!r} is not a compact megatie export: {e}") from None
-    if config.architectures:  # the class the run trained
-        model = getattr(transformers, config.architectures[0])(config)
+        config = AutoConfig.from_pretrained(path, **NO_REMOTE_CODE)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path!r} is not a compact megatie export: {str(e).splitlines()[0]}") from None
+    if not isinstance(tie_map, dict) or not {"block_path", "state"} <= set(tie_map):
+        raise CheckpointError(f"{path!r} is not a compact megatie export: its {COMPACT_MAP} lacks the tie map")
+    if config.architectures:  # the class the run trained: one of ours, by name, never any class in transformers
+        model = getattr(transformers, family_of_class(config.architectures[0]).hf_class)(config)
     else:  # exports from before other families: causal LMs
         model = transformers.AutoModelForCausalLM.from_config(config)
     tying = LayerTying(model, "shared", tie_map["block_path"], relax=tie_map.get("relax"),

@@ -51,11 +51,18 @@ def load_backbone(source: str, checkpoint: str = "best"):
         state = plain_tie_state(model.megatie_tying) or list(range(model.config.n_layer))
         return model.config, untied_state_dict(model, model.megatie_tying), state, source
     if os.path.isfile(os.path.join(source, "config.json")):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import GPT2LMHeadModel
 
-        if "GPT2LMHeadModel" not in (AutoConfig.from_pretrained(source).architectures or []):
+        from megatie.runtime.trusted_dirs import (
+            NO_REMOTE_CODE,
+            read_descriptor,
+            refuse_remote_code,
+        )
+
+        refuse_remote_code(source)
+        if "GPT2LMHeadModel" not in (read_descriptor(os.path.join(source, "config.json")).get("architectures") or []):
             raise ConfigError(f"{source!r} does not hold a GPT-2 language model to fine-tune")
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = GPT2LMHeadModel.from_pretrained(source, **NO_REMOTE_CODE)
         state = getattr(model.config, TIE_STATE_KEY, None) or list(range(model.config.n_layer))
     else:
         raise ConfigError(f"{source!r} is neither a run directory nor a megatie export")

@@ -23,10 +23,12 @@ def context_length(config) -> int:
 
 def load_for_inference(source: str, checkpoint: str = "best"):
     """``(model, tokenizer)`` from a run directory, an ``hf`` export or a ``compact`` export."""
+    from megatie.runtime.trusted_dirs import refuse_remote_code
     from megatie.tools.export import COMPACT_MAP, is_run_dir, load_compact, load_run
 
     if not os.path.isdir(source):
         raise ConfigError(f"{source!r} is not a directory (a run directory or a megatie export)")
+    refuse_remote_code(source)
     _refuse_non_causal(source)
     if is_run_dir(source):
         model = load_run(source, checkpoint)[0]
@@ -34,12 +36,23 @@ def load_for_inference(source: str, checkpoint: str = "best"):
     elif os.path.isfile(os.path.join(source, COMPACT_MAP)):
         model, tokenizer_dir = load_compact(source), source
     elif os.path.isfile(os.path.join(source, "config.json")):
-        from transformers import AutoModelForCausalLM
-
-        model, tokenizer_dir = AutoModelForCausalLM.from_pretrained(source).eval(), source
+        model, tokenizer_dir = _hf_export(source), source
     else:
         raise ConfigError(f"{source!r} is neither a run directory nor a megatie export")
     return model, tokenizer_in(tokenizer_dir)
+
+
+def _hf_export(source: str):
+    """A causal LM exported in transformers' format: its own classes only, never the directory's code."""
+    from transformers import AutoModelForCausalLM
+
+    from megatie.runtime.trusted_dirs import NO_REMOTE_CODE
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **NO_REMOTE_CODE).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{source!r} does not hold a causal language model transformers can load: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _refuse_non_causal(source: str) -> None:

@@ -41,7 +41,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    return [x.strip().replace("-", "_") for x in text.split(",") if x.strip()]
+    names = [x.strip().replace("-", "_") for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one setting")
+    return names
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,69 @@
+"""Faults from outside that used to get through: a file-size limit while the tokenizer is cached, inference
+flags that are not numbers, an output path that is a directory. Each ends in one line and leaves nothing
+half-written behind."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_export import megatie, one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAIN_UNDER_A_LIMIT = """
+import resource, sys
+from megatie.data.sources import default_corpus_text
+from megatie.data.tokenizers import train_sentencepiece
+from megatie.errors import MegatieError
+
+lines = [line for text in default_corpus_text() for line in text.splitlines() if line.strip()]
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    print(train_sentencepiece(lines[:20000], 2048, sys.argv[1], num_threads=1).vocab_size)
+except MegatieError as e:
+    print("error:", e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _train_under_limit(cache: Path, limit: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", TRAIN_UNDER_A_LIMIT, str(cache), str(limit)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="no file-size limit on this system")
+def test_a_tokenizer_cut_short_by_a_full_disk_never_enters_the_cache(tmp_path):
+    """SentencePiece ignores its failed write; the truncated model used to be renamed into the cache and
+    break every later run on the corpus. Now: one line, no cache entry, and the next run trains afresh."""
+    cache = tmp_path / "cache"
+    r = _train_under_limit(cache, 40_000)  # a 2048-piece model is larger than this
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert "could not be written whole" in lines[0]
+    assert not any(p.name.startswith("sp-") for p in (cache / "tokenizers").iterdir())
+    r = _train_under_limit(cache, resource.RLIM_INFINITY)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "2048", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--top-p", "nan"], "--top-p"),
+])
+def test_sampling_flags_that_are_not_numbers_are_refused(tmp_path, flags, needle):
+    one_line_error(megatie("generate", tmp_path, "--prompt", "The", *flags), needle)
+
+
+def test_eval_json_into_a_directory_is_refused_and_leaves_no_temporary(tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("some text\n")
+    one_line_error(megatie("eval", tmp_path, "--file", text, "--json", tmp_path), "name a file in an existing directory")
+    one_line_error(megatie("eval", tmp_path, "--file", text, "--json", tmp_path / "no" / "r.json"),
+                   "name a file in an existing directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held.txt"]
