@@ -304,4 +304,4 @@ def test_refused_after_reading_checkpoint_or_data(tmp_path, finished, prepared, 
 
 
 def test_table_is_large_enough():
-    assert len(CHEAP) + len(HEAVY) >= 60
+    assert len(CHEAP) + len(HEAVY) >= 94

@@ -67,3 +67,19 @@ def test_eval_json_into_a_directory_is_refused_and_leaves_no_temporary(tmp_path)
     one_line_error(megatie("eval", tmp_path, "--file", text, "--json", tmp_path / "no" / "r.json"),
                    "name a file in an existing directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["held.txt"]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "tensorboard"])
+def test_logs_never_follow_a_link_out_of_the_run(tmp_path, name):
+    from megatie.errors import ConfigError
+    from megatie.metrics.logger import MetricsLogger
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "metrics.jsonl").write_text("not the run's\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(outside / name if name == "metrics.jsonl" else outside, run / name)
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        MetricsLogger(str(run))
+    assert (outside / "metrics.jsonl").read_text() == "not the run's\n" and os.listdir(outside) == ["metrics.jsonl"]

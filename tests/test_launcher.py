@@ -104,5 +104,5 @@ def test_sigterm_prints_the_resume_hint(tmp_path, cache_dir):
             p.kill()
             p.communicate()
     assert "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1] == "interrupted; the last checkpoint is intact (resume with --resume auto)"
+    assert err.strip().splitlines()[-1] == "interrupted; checkpoints already written are intact (resume from the newest with --resume auto)"
     assert p.returncode == 130

@@ -13,6 +13,7 @@ import math
 import os
 import time
 
+from megatie.errors import ConfigError
 from megatie.runtime.atomic import finite_or_none
 
 
@@ -24,7 +25,12 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self._file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        for name in ("metrics.jsonl", "tensorboard"):
+            if os.path.islink(os.path.join(out_dir, name)):  # it would append to a file outside the run
+                raise ConfigError(f"{os.path.join(out_dir, name)} is a symbolic link; a run writes its logs only "
+                                  "inside its out-dir: remove the link")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        self._file = os.fdopen(os.open(os.path.join(out_dir, "metrics.jsonl"), flags, 0o644), "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -24,7 +24,7 @@ from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
 from megatie.runtime.runlock import RunLock
 from megatie.tying import options
 
-INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume auto)"
+INTERRUPTED = "interrupted; checkpoints already written are intact (resume from the newest with --resume auto)"
 
 
 class _Parser(argparse.ArgumentParser):
