@@ -31,7 +31,10 @@ from contextlib import contextmanager
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-POLICY = {"conventional": "conventional", "megatie": "qlearning"}
+# What each variant passes to the launcher: the paper's agent ("megatie"), the default policy, and the
+# default with rank-8 deltas on every tied position (relaxed ties: their parameters and moments count too).
+POLICY = {"conventional": ["--tie-policy", "conventional"], "megatie": ["--tie-policy", "qlearning"],
+          "split": ["--tie-policy", "split"], "split-lora8": ["--tie-policy", "split", "--tie-relax", "lora:8"]}
 SHAPE_FLAGS = ("n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size", "max_steps", "tie_every")
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -97,7 +100,7 @@ class TensorProbe:
 
 
 def train_argv(variant: str, settings: dict, out_dir: str, seed: int, ds_config: str | None) -> list[str]:
-    argv = ["--out-dir", out_dir, "--tie-policy", POLICY[variant], "--seed", str(seed), "--no-progress",
+    argv = ["--out-dir", out_dir, *POLICY[variant], "--seed", str(seed), "--no-progress",
             "--no-checkpoints", "--eval-every", str(10 ** 6), "--eval-batches", "2", "--log-every", str(10 ** 6)]
     for key in SHAPE_FLAGS:
         argv += [f"--{key.replace('_', '-')}", str(settings[key])]

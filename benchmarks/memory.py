@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, SHAPE_FLAGS, side_by_side, write_json  # noqa: E402
+from harness import POLICY, ROOT, SHAPE_FLAGS, side_by_side, write_json  # noqa: E402
 
 DEFAULT = dict(n_layer=24, n_embd=384, n_head=6, seq_len=64, batch_size=4, vocab_size=512, max_steps=60,
                tie_every=15)
@@ -56,6 +56,10 @@ def ratios(conv: dict, mega: dict) -> dict:
     return {k: conv[k] / mega[k] for k in RATIO_KEYS if conv.get(k) and mega.get(k)}
 
 
+def variant_names(results: dict) -> list[str]:
+    return [name for name in POLICY if name in results]
+
+
 def print_table(results: dict) -> None:
     mb, gpu = 2 ** 20, results["megatie"]["device"].startswith("cuda")
     cols = (("peak alloc MB", "peak_memory_bytes"), ("peak reserved MB", "peak_reserved_bytes"),
@@ -63,17 +67,21 @@ def print_table(results: dict) -> None:
         ("peak RSS MB", "peak_memory_bytes"), ("avg RSS MB", "avg_memory_bytes"),
         ("peak tensor MB", "peak_tensor_bytes"), ("avg tensor MB", "avg_tensor_bytes"))
     print(f"{'':14}" + "".join(f"{name:>18}" for name, _ in cols) + f"{'tok/s':>10}")
-    for name in ("conventional", "megatie"):
+    for name in variant_names(results):
         r = results[name]
         print(f"{name:14}" + "".join(f"{(r.get(k) or 0) / mb:18.1f}" for _, k in cols) + f"{r['tokens_per_second']:10.0f}")
-    ratio = results["ratio_conventional_over_megatie"]
-    print("conventional / megatie: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    for name, ratio in results["ratio_conventional_over"].items():
+        print(f"conventional / {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
 
 
-def run(settings: dict, ds_config: str, seed: int) -> dict:
+def run(settings: dict, ds_config: str, seed: int, variants=("conventional", "megatie")) -> dict:
     t0 = time.perf_counter()
-    results = side_by_side(settings, ds_config, seed)
-    results["ratio_conventional_over_megatie"] = ratios(results["conventional"], results["megatie"])
+    results = side_by_side(settings, ds_config, seed, variants=("conventional", *(v for v in variants
+                                                                                 if v != "conventional")))
+    results["ratio_conventional_over"] = {name: ratios(results["conventional"], results[name])
+                                          for name in variant_names(results) if name != "conventional"}
+    if "megatie" in results:  # the key earlier results carry
+        results["ratio_conventional_over_megatie"] = results["ratio_conventional_over"]["megatie"]
     results["settings"] = settings
     results["ds_config"] = os.path.relpath(os.path.abspath(ds_config), ROOT)
     results["benchmark_wall_s"] = time.perf_counter() - t0
@@ -83,9 +91,15 @@ def run(settings: dict, ds_config: str, seed: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (under 5 minutes on a 2-core CPU)")
+    p.add_argument("--variants", default="conventional,megatie",
+                   help=f"comma-separated, each beside conventional: {', '.join(POLICY)}")
     add_shape_flags(p, DEFAULT)
     args = p.parse_args(argv)
-    results = run(settings_from(args, QUICK if args.quick else DEFAULT), args.ds_config, args.seed)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(POLICY))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(POLICY)}")
+    results = run(settings_from(args, QUICK if args.quick else DEFAULT), args.ds_config, args.seed, variants)
     write_json(args.out, results)
     print_table(results)
     return 0

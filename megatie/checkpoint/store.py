@@ -202,6 +202,9 @@ def load_checkpoint(path: str) -> Checkpoint:
         trainer_state = load_pickle_free(os.path.join(path, "trainer.pt"))
     except SafetensorError as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: {str(e).splitlines()[0]}") from None
+    for name, state in (("optimizer.pt", optimizer_state), ("trainer.pt", trainer_state)):
+        if not isinstance(state, dict):  # sealed and loadable, but not what megatie writes
+            raise CheckpointError(f"checkpoint {path!r}: {name} holds a {type(state).__name__}, not megatie's state")
     return Checkpoint(path, tensors, optimizer_state, trainer_state)
 
 
