@@ -268,6 +268,15 @@ def test_a_stalled_rank_ends_in_one_line_not_a_hang(tmp_path):
     assert time.monotonic() - start < 150
 
 
+def test_a_peer_stalled_inside_a_step_ends_every_rank_within_the_timeout(tmp_path):
+    """Rank 1 stops inside a training step, so rank 0 waits in ZeRO's gradient reduction - on DeepSpeed's
+    own group, which had torch's 30-minute default: each rank now ends in one line near the timeout."""
+    start = time.monotonic()
+    errors = _errors_of_every_rank(tmp_path, "--dist-timeout-s", "15", MEGATIE_TEST_RANK1_STALL_IN_STEP_S="40")
+    assert all("a collective failed" in e for e in errors), errors
+    assert time.monotonic() - start < 150
+
+
 def test_two_ranks_relaxed_ties_agree_and_follow_the_torch_engine(tmp_path, reference):
     """Deltas and per-position norms regrouped on two ranks: equal weights on both, the single-process
     reference followed (within the SVD's sensitivity, see test_zero.py's delta test)."""

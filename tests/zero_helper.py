@@ -123,6 +123,18 @@ def _inject_rank1_faults(trainer) -> None:
             return proposal, delayed, policy
 
         controller.sync.broadcast = own_decision
+    step_stall = float(os.environ.get("MEGATIE_TEST_RANK1_STALL_IN_STEP_S", 0))
+    if step_stall:  # inside a step: the peer waits in DeepSpeed's gradient reduction, not in megatie's
+        train_step = trainer.engine.train_step
+
+        def stalled_step(micro_batches):
+            if trainer.step == 3:
+                import time
+
+                time.sleep(step_stall)
+            return train_step(micro_batches)
+
+        trainer.engine.train_step = stalled_step
     stall = float(os.environ.get("MEGATIE_TEST_RANK1_STALL_S", 0))
     if stall:
         regroup_before_stall = controller.regroup

@@ -225,8 +225,20 @@ def init_deepspeed_distributed(local_rank: int | None = None, timeout_s: int = 6
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", local_rank or 0)))
     if not tdist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    _bound_deepspeed_groups(timeout_s)
     device = torch.device(accelerator.current_device_name())
     return RankSync(tdist.get_rank(), tdist.get_world_size(), device)
+
+
+def _bound_deepspeed_groups(timeout_s: int) -> None:
+    """ZeRO reduces gradients on DeepSpeed's clone of the world group, which DeepSpeed makes with
+    torch's default timeout (30 minutes on gloo), not the process group's: a stopped peer would hold the
+    other ranks far past --dist-timeout-s. The clone is made here, by every rank, with the run's timeout."""
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", None) is None and tdist.get_world_size() > 1:
+        groups._WORLD_GROUP = tdist.new_group(ranks=list(range(tdist.get_world_size())),
+                                              timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown_distributed() -> None:
