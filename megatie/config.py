@@ -113,7 +113,7 @@ class OptimSettings:
 @dataclass(frozen=True)
 class TyingSettings:
     tie_policy: str = DEFAULT_POLICY
-    tie_every: int = 15
+    tie_every: int | None = None  # DEFAULT_TIE_EVERY unless given; a given one must leave a step to decide at
     tie_mode: str = "shared"
     reward: str = "neg-ppl"
     reward_batch_size: int | None = None
@@ -230,6 +230,8 @@ class TrainConfig:
         elif values["vocab_size"] is None:
             values["vocab_size"] = 8192
         _fill(values, "pad_vocab_to", DEFAULT_PAD_VOCAB_TO)
+        _check_decisions(values)
+        _fill(values, "tie_every", DEFAULT_TIE_EVERY)
         if isinstance(values["max_steps"], int):
             _fill(values, "warmup_steps", min(100, values["max_steps"] // 10))
             _fill(values, "eval_every", max(1, min(500, values["max_steps"] // 5)))
@@ -245,6 +247,19 @@ class TrainConfig:
             values["precision"] = "fp32"
         validate(SimpleNamespace(**values))
         return dataclasses.replace(TrainConfig.from_flat(values), is_resolved=True)
+
+
+def _check_decisions(values: dict) -> None:
+    """A --tie-every given that leaves a deciding policy no step to decide at (decisions fall on its
+    multiples below --max-steps) would train something else than asked: conventional blocks throughout."""
+    every, steps, policy = values["tie_every"], values["max_steps"], values["tie_policy"]
+    if every is None or not isinstance(steps, int) or steps < 1 or policy not in POLICIES or policy == "static":
+        return
+    if values["resume"]:  # the checkpoint's own value (structural), adopted: not the user's choice now
+        return
+    if POLICIES[policy].ties and isinstance(every, int) and every >= steps:
+        raise ConfigError(f"--tie-every {every} is not below --max-steps {steps}: the policy would never decide; "
+                          "lower --tie-every or choose --tie-policy conventional")
 
 
 def _fill(values: dict, key: str, default) -> None:
@@ -328,6 +343,7 @@ def validate(s) -> None:
         raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
                           "--dataset lm1b")
 
+DEFAULT_TIE_EVERY = 15  # steps between decisions (the paper's k) when --tie-every is not given
 MAX_VOCAB = 1 << 22  # four million pieces: beyond every tokenizer in use, and an embedding of GBs at any width
 # Bounds, inclusive, of numbers the checks above and below leave open (a float must be finite, always).
 BOUNDS = {"seed": (0, 2**31 - 1), "eval_batches": (1, None), "warmup_steps": (0, None), "grad_clip": (0, None),

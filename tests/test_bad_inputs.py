@@ -228,6 +228,7 @@ CHEAP = [
     ("weight-decay-nan", "--weight-decay must be a finite number", ["--weight-decay", "nan"]),
     ("gamma-above-one", "--gamma must be in", ["--gamma", "1.5"]),
     ("eps-decay-nan", "--eps-decay must be a finite number", ["--eps-decay", "nan"]),
+    ("tie-every-beyond-the-run", "would never decide", ["--tie-every", "50", "--max-steps", "20"]),
     ("allow-changed-without-resume", "needs --resume", ["--allow-changed", "lr"]),
     ("allow-changed-naming-nothing", "name at least one setting", ["--allow-changed", ","]),
     ("cache-dir-a-file", "--cache-dir", lambda p: ["--cache-dir", p.file("cache-file", "x")]),
@@ -314,4 +315,4 @@ def test_refused_after_reading_checkpoint_or_data(tmp_path, finished, prepared, 
 
 
 def test_table_is_large_enough():
-    assert len(CHEAP) + len(HEAVY) >= 95
+    assert len(CHEAP) + len(HEAVY) >= 96

@@ -45,7 +45,7 @@ def _losses(out) -> dict[int, float]:
 
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_tied_blocks_share_tensors_and_compute_as_an_untied_copy(tmp_path, family):
-    t = _trainer(family, tmp_path / "run", tmp_path / "c", "--max-steps", "1")
+    t = _trainer(family, tmp_path / "run", tmp_path / "c", "--max-steps", "5")
     t.tying.apply([0, 1, 0, 1, 4, 4])
     blocks = t.tying.blocks
     assert all(a is b for a, b in zip(blocks[2].parameters(), blocks[0].parameters()))
@@ -97,7 +97,7 @@ def test_resume_across_regroups_is_exact(tmp_path, family):
 
 
 def test_masks_and_augmentation_depend_on_the_step_not_on_history(tmp_path):
-    bert = _trainer("bert", tmp_path / "b", tmp_path / "c", "--max-steps", "1")
+    bert = _trainer("bert", tmp_path / "b", tmp_path / "c", "--max-steps", "5")
     raw = next(bert.loader)
     a, b = bert.objective.train_inputs(raw, 5, 0, 0), bert.objective.train_inputs(raw, 5, 0, 0)
     c = bert.objective.train_inputs(raw, 6, 0, 0)
@@ -105,12 +105,12 @@ def test_masks_and_augmentation_depend_on_the_step_not_on_history(tmp_path):
     chosen = (a["labels"] != -100).float().mean().item()
     assert 0.05 < chosen < 0.3  # about --mask-prob 0.15 of the tokens
     folder = _image_folder(tmp_path / "images")  # natural-image sources are augmented (digits are not)
-    vit = _trainer("vit", tmp_path / "v", tmp_path / "c", "--max-steps", "1", "--image-dir", str(folder))
+    vit = _trainer("vit", tmp_path / "v", tmp_path / "c", "--max-steps", "5", "--image-dir", str(folder))
     raw = next(vit.loader)
     x, y = vit.objective.train_inputs(raw, 5, 0, 0), vit.objective.train_inputs(raw, 6, 0, 0)
     assert torch.equal(x["labels"], raw[1]) and not torch.equal(x["pixel_values"], y["pixel_values"])
     assert torch.equal(x["pixel_values"], vit.objective.train_inputs(raw, 5, 0, 0)["pixel_values"])
-    digits = _trainer("vit", tmp_path / "d", tmp_path / "c", "--max-steps", "1")
+    digits = _trainer("vit", tmp_path / "d", tmp_path / "c", "--max-steps", "5")
     raw = next(digits.loader)
     assert torch.equal(digits.objective.train_inputs(raw, 5, 0, 0)["pixel_values"],
                        digits.objective.eval_inputs(raw, 0)["pixel_values"])

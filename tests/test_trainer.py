@@ -108,8 +108,8 @@ def test_resume_across_regroups_is_exact(tmp_path, cache_dir):
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path, cache_dir):
     run = tmp_path / "run"
-    Trainer(small_config(run, cache_dir, max_steps=4, checkpoint_every=4)).train()
-    ckpt = run / "checkpoints" / "step_00000004"
+    Trainer(small_config(run, cache_dir, max_steps=5, checkpoint_every=5)).train()  # one decision, at step 4
+    ckpt = run / "checkpoints" / "step_00000005"
     with pytest.raises(CheckpointError, match="n_embd"):
         Trainer(small_config(run, cache_dir, resume=str(ckpt), n_embd=64))
     broken = tmp_path / "broken"

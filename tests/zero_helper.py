@@ -57,7 +57,8 @@ def write_reference_run(directory: str, states=SCHEDULE) -> str:
 def base_args(out_dir: str, reference: str, steps: int = 104, batch: int = 2, every: int = 12) -> list[str]:
     return ["--out-dir", out_dir, "--max-steps", str(steps), "--n-layer", "6", "--n-embd", "32", "--n-head", "2",
             "--seq-len", "16", "--batch-size", str(batch), "--vocab-size", "512", "--lr", "2e-3",
-            "--tie-policy", "replay", "--reference-run", reference, "--tie-every", str(every),
+            "--tie-policy", "replay", "--reference-run", reference,
+            *(["--tie-every", str(every)] if every < steps else []),  # too short a run to decide: the default
             "--log-every", "1", "--eval-every", "100000", "--eval-batches", "1", "--checkpoint-every", "100000",
             "--no-progress", "--seed", "7"]
 

@@ -17,7 +17,7 @@ import sys
 import traceback
 from types import SimpleNamespace
 
-from megatie.config import FLAT, FREE, LR_SCHEDULES, TrainConfig
+from megatie.config import DEFAULT_TIE_EVERY, FLAT, FREE, LR_SCHEDULES, TrainConfig
 from megatie.errors import ConfigError, MegatieError
 from megatie.presets import PRESETS
 from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
@@ -79,7 +79,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tie = p.add_argument_group("tying")
     tie.add_argument("--tie-policy", default=d.tie_policy, metavar="NAME",
                      help="; ".join(f"{k}: {v.help}" for k, v in options.POLICIES.items()))
-    tie.add_argument("--tie-every", type=int, default=d.tie_every, help="steps between decisions (k)")
+    tie.add_argument("--tie-every", type=int, default=d.tie_every, help=f"steps between decisions (k; default {DEFAULT_TIE_EVERY})")
     tie.add_argument("--tie-mode", default=d.tie_mode, metavar="MODE", help=f"one of {', '.join(options.TIE_MODES)}")
     tie.add_argument("--reward", default=d.reward, metavar="NAME", help=f"one of {', '.join(options.REWARDS)}")
     tie.add_argument("--reward-batch-size", type=int, help="batch for the reward (default: --batch-size)")
