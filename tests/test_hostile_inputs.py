@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export import megatie, one_line_error
+from test_export import exports, megatie, one_line_error, run  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +83,35 @@ def test_logs_never_follow_a_link_out_of_the_run(tmp_path, name):
     with pytest.raises(ConfigError, match="is a symbolic link"):
         MetricsLogger(str(run))
     assert (outside / "metrics.jsonl").read_text() == "not the run's\n" and os.listdir(outside) == ["metrics.jsonl"]
+
+
+def test_export_into_a_link_is_refused_and_writes_nothing(tmp_path, run):  # noqa: F811
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "link")
+    one_line_error(megatie("export", run, tmp_path / "link"), "is a symbolic link")
+    assert os.listdir(tmp_path / "empty") == [] and os.path.islink(tmp_path / "link")
+
+
+def test_a_damaged_tokenizer_model_is_one_line_on_export(tmp_path, run):  # noqa: F811
+    import shutil
+
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    model = next((damaged / "tokenizer").glob("*.model"))
+    model.write_bytes(os.urandom(100))
+    one_line_error(megatie("export", damaged, tmp_path / "out"), "is not a SentencePiece model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_whose_config_lies_about_its_shape_is_one_line(tmp_path, exports):  # noqa: F811
+    import json
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(exports[0], hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["n_embd"] *= 2
+    (hf / "config.json").write_text(json.dumps(config))
+    r = megatie("generate", hf, "--prompt", "The")
+    one_line_error(r, "its weights do not have the shapes its config.json gives")
+    assert "MISMATCH" not in r.stderr + r.stdout

@@ -29,7 +29,11 @@ def fast_from_sentencepiece(model_file: str):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    sp = spm.SentencePieceProcessor(model_file=model_file)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=model_file)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{model_file} is not a SentencePiece model ({str(e).splitlines()[0][:120]}); "
+                              "the run's tokenizer is damaged") from None
 
     class _Source:  # what the converter reads from a slow tokenizer
         vocab_file = model_file

@@ -78,6 +78,8 @@ def _finetune_config(args):
 def _check_new_dir(path: str) -> None:
     from megatie.errors import ConfigError
 
+    if os.path.islink(path):  # the result is renamed into place: a link would be replaced, or refuse it
+        raise ConfigError(f"{path} is a symbolic link; name a new directory (or the directory it points to)")
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise ConfigError(f"{path} exists and is not an empty directory; choose a new one")
 

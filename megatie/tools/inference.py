@@ -45,14 +45,23 @@ def load_for_inference(source: str, checkpoint: str = "best"):
 def _hf_export(source: str):
     """A causal LM exported in transformers' format: its own classes only, never the directory's code."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from megatie.runtime.trusted_dirs import NO_REMOTE_CODE
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' table
+    hf_logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(source, **NO_REMOTE_CODE).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{source!r} does not hold a causal language model transformers can load: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights of another shape
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "mismatched" in why:
+            why = "its weights do not have the shapes its config.json gives"
+        raise ConfigError(f"{source!r} does not hold a causal language model transformers can load: {why}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def _refuse_non_causal(source: str) -> None:
