@@ -386,6 +386,17 @@ def test_no_deepspeed_pickle_is_ever_loaded(tmp_path, reference):
         _trainer(base_args(str(tmp_path / "misfit"), reference, steps=12) + resume, ZERO2)
 
 
+def test_a_slice_left_out_of_meta_json_is_not_read_unverified(tmp_path, reference):
+    out = str(tmp_path / "run")
+    _trainer(base_args(out, reference, steps=14) + ["--checkpoint-every", "14"], ZERO2).train()
+    ckpt = os.path.join(out, "checkpoints", "step_00000014")
+    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    del meta["files"]["zero_rank_00000.safetensors"]
+    json.dump(meta, open(os.path.join(ckpt, "meta.json"), "w"))
+    with pytest.raises(CheckpointError, match="no valid record of zero_rank_00000.safetensors"):
+        _trainer(base_args(str(tmp_path / "b"), reference, steps=20) + ["--resume", ckpt], ZERO2)
+
+
 def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, reference):
     out = str(tmp_path / "run")
     _trainer(base_args(out, reference, steps=14) + ["--checkpoint-every", "14"], ZERO2).train()
