@@ -20,8 +20,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block and then the message
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = _Parser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--train-file", nargs="+", action="extend", metavar="F",
                      help="text files or globs (.txt, .jsonl with a \"text\" field, .gz of either)")
@@ -40,6 +46,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if not 16 <= args.vocab_size <= 1 << 22:
+        ap.error(f"--vocab-size must be in [16, {1 << 22}], got {args.vocab_size}")
+    if not 0 < args.holdout_fraction < 1:
+        ap.error(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
+    if args.workers is not None and args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     # datasets imports torch (seconds, hundreds of MB) only to share state with DataLoader
     # workers; preparation never needs it.
     os.environ.setdefault("USE_TORCH", "0")

@@ -253,6 +253,8 @@ HEAVY = [  # read a checkpoint or prepared data first: a few seconds each
     ("pickle-in-trainer-state", "was refused", lambda p: _plant_pickle(p, "trainer.pt")),
     ("pickle-in-optimizer-state", "was refused", lambda p: _plant_pickle(p, "optimizer.pt")),
     ("trainer-state-a-list", "trainer.pt holds a list", lambda p: _foreign_state(p, "trainer.pt")),
+    ("resume-names-the-run-directory", "is a run directory, not a checkpoint",
+     lambda p: ["--out-dir", str(p.run()), "--resume", str(p.run()), "--max-steps", "12", "--allow-changed", "max_steps"]),
     ("older-step-same-out-dir", "already holds step_00000008", lambda p: _resume(p, step=4)),
     ("changed-lr", "--allow-changed lr", lambda p: _resume(p, "--lr", "1e-2", "--max-steps", "12",
                                                          "--allow-changed", "max_steps")),
@@ -315,4 +317,4 @@ def test_refused_after_reading_checkpoint_or_data(tmp_path, finished, prepared, 
 
 
 def test_table_is_large_enough():
-    assert len(CHEAP) + len(HEAVY) >= 96
+    assert len(CHEAP) + len(HEAVY) >= 97

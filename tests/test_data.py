@@ -392,6 +392,19 @@ def test_launcher_errors_are_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "D").exists()
 
 
+@pytest.mark.parametrize("args,needle", [
+    ([], "required: --out-dir"),
+    (["--vocab-size", "0"], "--vocab-size must be in"),
+    (["--holdout-fraction", "1.5"], "--holdout-fraction must be in"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_launcher_flag_mistakes_are_one_line_not_a_usage_block(tmp_path, args, needle):
+    extra = [] if not args else ["--out-dir", tmp_path / "D"]
+    r = run_launcher(*args, *extra)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "D").exists()
+
+
 # ----------------------------------------------------------------------------- mlm
 def test_mlm_collator_statistics(data):
     tok = data.tokenizer

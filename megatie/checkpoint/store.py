@@ -133,6 +133,9 @@ def read_meta(path: str) -> dict:
     except (OSError, ValueError):
         meta = None
     if not isinstance(meta, dict):
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a run directory, named where a checkpoint goes
+            raise CheckpointError(f"{path!r} is a run directory, not a checkpoint: continue it with --out-dir "
+                                  f"{path} --resume auto, or name one of {os.path.join(path, 'checkpoints')}/step_*")
         raise CheckpointError(f"checkpoint {path!r} has no readable meta.json; it is incomplete or corrupt")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')}, this megatie reads "
