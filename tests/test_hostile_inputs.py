@@ -115,3 +115,33 @@ def test_an_export_whose_config_lies_about_its_shape_is_one_line(tmp_path, expor
     r = megatie("generate", hf, "--prompt", "The")
     one_line_error(r, "its weights do not have the shapes its config.json gives")
     assert "MISMATCH" not in r.stderr + r.stdout
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_older_ones(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    from megatie.checkpoint import store
+    from megatie.errors import CheckpointError
+    from megatie.tools.train_cli import run_main
+
+    model = torch.nn.Linear(4, 4)
+    root = tmp_path / "checkpoints"
+    store.save_checkpoint(str(root), "step_00000001", 1, model, {"state": {}}, {"step": 1})
+
+    def full(obj, path, *a, **k):
+        raise RuntimeError(f"[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 64: file write failed {path}")
+
+    monkeypatch.setattr(store.torch, "save", full)
+    with pytest.raises(CheckpointError, match="is the disk full"):
+        store.save_checkpoint(str(root), "step_00000002", 2, model, {"state": {}}, {"step": 2})
+    assert sorted(os.listdir(root)) == ["step_00000001"] and store.problem_with(str(root / "step_00000001")) is None
+
+    def no_space(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    capsys.readouterr()
+    assert run_main(no_space, []) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No space left on device writing"), lines

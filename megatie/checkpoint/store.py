@@ -107,9 +107,18 @@ def start_checkpoint_dir(root: str, name: str) -> str:
 
 
 def write_shared_files(tmp: str, model: nn.Module, optimizer_state: dict, trainer_state: dict) -> None:
-    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
-    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    try:
+        save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # torch reports a failed write (a full disk, a quota, a file-size limit) as a RuntimeError
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {os.path.basename(tmp)[1:-4]!r} under "
+                              f"{os.path.dirname(tmp)} ({str(e).splitlines()[0][:120] or type(e).__name__}); "
+                              "is the disk full? The checkpoints written before it are intact") from None
 
 
 def seal_checkpoint_dir(tmp: str, recorded: dict[str, dict] | None = None, **meta) -> None:

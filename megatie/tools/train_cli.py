@@ -11,6 +11,7 @@ answer in well under a second; everything that can be checked without them is ch
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import sys
@@ -24,6 +25,7 @@ from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
 from megatie.runtime.runlock import RunLock
 from megatie.tying import options
 
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 INTERRUPTED = "interrupted; checkpoints already written are intact (resume from the newest with --resume auto)"
 
 
@@ -201,6 +203,12 @@ def run_main(main_fn, argv=None) -> int:
             if os.environ.get("MEGATIE_DEBUG"):
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            print(f"error: {e.strerror} writing {e.filename or 'a file'}; free space (or raise the quota or "
+                  "file-size limit) and run again - what was written before is intact", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             ignore_interrupts()
