@@ -71,6 +71,23 @@ def test_peak_is_the_maximum_across_resets(fake_cuda):
     assert cuda_memory.reset_peak_memory_stats == fake_cuda.reset
 
 
+def test_monitors_stopped_out_of_order_keep_their_peaks_and_restore_the_originals(fake_cuda):
+    """Two monitors (a run and a benchmark's probe): the first to start stops first. The second must
+    still fold the peak a later reset would erase, and nothing of either may stay installed."""
+    outer = MemoryMonitor("cuda", interval=60).start()
+    inner = MemoryMonitor("cuda", interval=60).start()
+    fake_cuda.alloc(50)
+    fake_cuda.free(50)
+    assert outer.stop()["peak_bytes"] == 50
+    fake_cuda.alloc(90)
+    fake_cuda.free(90)
+    torch.cuda.reset_peak_memory_stats()  # the inner monitor's 90 is folded before the reset erases it
+    fake_cuda.alloc(10)
+    assert inner.stop()["peak_bytes"] == 90
+    assert torch.cuda.reset_peak_memory_stats == fake_cuda.reset
+    assert cuda_memory.reset_peak_memory_stats == fake_cuda.reset
+
+
 def test_cpu_monitor_samples_resident_memory():
     monitor = MemoryMonitor("cpu", interval=0.01).start()
     block = torch.ones(32 * 2 ** 20, dtype=torch.uint8)  # touch 32 MB

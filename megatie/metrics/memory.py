@@ -36,6 +36,44 @@ def peak_rss_bytes() -> int:
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
+class _ResetGuard:
+    """One wrapper of ``torch.cuda.reset_peak_memory_stats`` (both names it is reached by; the deprecated
+    ``reset_max_memory_*`` call it too) for every running monitor: a reset folds each one's peaks first.
+    Installed by the first monitor that starts and removed with the last that stops, in any order - a
+    wrapper per monitor would, stopped out of order, restore a stale one and lose the other's peaks."""
+
+    def __init__(self):
+        self.monitors: list = []
+        self.saved = None
+
+    def add(self, monitor) -> None:
+        import torch.cuda.memory as cuda_memory
+
+        if not self.monitors:
+            original = cuda_memory.reset_peak_memory_stats
+            self.saved = (torch.cuda.reset_peak_memory_stats, original)
+
+            def reset_peak_memory_stats(device=None):
+                for running in list(self.monitors):
+                    running._folded_reset()
+                return original(device)
+
+            torch.cuda.reset_peak_memory_stats = cuda_memory.reset_peak_memory_stats = reset_peak_memory_stats
+        self.monitors.append(monitor)
+
+    def discard(self, monitor) -> None:
+        import torch.cuda.memory as cuda_memory
+
+        if monitor in self.monitors:
+            self.monitors.remove(monitor)
+            if not self.monitors:
+                torch.cuda.reset_peak_memory_stats, cuda_memory.reset_peak_memory_stats = self.saved
+                self.saved = None
+
+
+_RESET_GUARD = _ResetGuard()
+
+
 class MemoryMonitor:
     """Samples memory in a daemon thread between ``start()`` and ``stop()``."""
 
@@ -48,7 +86,6 @@ class MemoryMonitor:
         self._max = 0
         self._peak_allocated = 0
         self._peak_reserved = 0
-        self._saved_resets = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml = None
@@ -87,26 +124,14 @@ class MemoryMonitor:
         self._peak_reserved = max(self._peak_reserved, int(torch.cuda.max_memory_reserved(self.device)))
 
     def _guard_resets(self) -> None:
-        """Wrap ``torch.cuda.reset_peak_memory_stats`` (both names it is reached by; the deprecated
-        ``reset_max_memory_*`` call it too) so that a reset folds the peaks first."""
-        import torch.cuda.memory as cuda_memory
-
-        original = cuda_memory.reset_peak_memory_stats
-        self._saved_resets = (torch.cuda.reset_peak_memory_stats, original)
-
-        def reset_peak_memory_stats(device=None):
-            self.fold_peaks()
-            self.resets_folded += 1
-            return original(device)
-
-        torch.cuda.reset_peak_memory_stats = cuda_memory.reset_peak_memory_stats = reset_peak_memory_stats
+        _RESET_GUARD.add(self)
 
     def _unguard_resets(self) -> None:
-        if self._saved_resets is not None:
-            import torch.cuda.memory as cuda_memory
+        _RESET_GUARD.discard(self)
 
-            torch.cuda.reset_peak_memory_stats, cuda_memory.reset_peak_memory_stats = self._saved_resets
-            self._saved_resets = None
+    def _folded_reset(self) -> None:
+        self.fold_peaks()
+        self.resets_folded += 1
 
     def start(self) -> "MemoryMonitor":
         if self.device.type == "cuda":
