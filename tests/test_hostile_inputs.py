@@ -145,3 +145,17 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_older_ones(tm
     assert run_main(no_space, []) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: No space left on device writing"), lines
+
+
+def test_a_corpus_of_one_long_line_trains_a_tokenizer(tmp_path):
+    """SentencePiece leaves out of training every line over 4192 bytes: a file without line breaks used to
+    end in "pass a smaller --vocab-size or more text". It is cut at spaces for training; nothing is lost."""
+    from megatie.data.sources import default_corpus_text
+    from megatie.data.tokenizers import SP_MAX_SENTENCE_BYTES, _sentences, train_sentencepiece
+
+    text = " ".join(line for t in default_corpus_text() for line in t.splitlines() if line.strip())[:300_000]
+    pieces = list(_sentences([text, "short line"]))
+    assert all(len(p.encode("utf-8")) <= SP_MAX_SENTENCE_BYTES for p in pieces)
+    assert " ".join(pieces).split() == (text + " short line").split() and pieces[-1] == "short line"
+    assert list(_sentences(["x" * 9000])) == ["x" * 1048] * 8 + ["x" * 616]
+    assert train_sentencepiece([text], 512, tmp_path, num_threads=1).vocab_size == 512

@@ -180,6 +180,34 @@ def resolve_tokenizer(name: str):
                     "directory or a SentencePiece .model file")
 
 
+SP_MAX_SENTENCE_BYTES = 4192  # SentencePiece's max_sentence_length: a longer sentence is left out of training
+_CUT_CHARS = SP_MAX_SENTENCE_BYTES // 4  # at most 4 bytes a character in UTF-8
+
+
+def _sentences(lines):
+    """Lines as SentencePiece can train on them: longer ones cut at spaces into pieces it keeps (a corpus
+    of one long line - a file without line breaks - would otherwise leave it nothing to learn from)."""
+    for line in lines:
+        if len(line.encode("utf-8")) <= SP_MAX_SENTENCE_BYTES:
+            yield line
+            continue
+        piece = ""
+        for word in line.split(" "):
+            while len(word) > _CUT_CHARS:  # a "word" longer than a piece: cut it as it comes
+                if piece:
+                    yield piece
+                    piece = ""
+                yield word[:_CUT_CHARS]
+                word = word[_CUT_CHARS:]
+            if piece and len(piece) + 1 + len(word) > _CUT_CHARS:
+                yield piece
+                piece = word
+            else:
+                piece = f"{piece} {word}" if piece else word
+        if piece:
+            yield piece
+
+
 def _verify_trained(model: Path, vocab_size: int) -> None:
     """A model enters the cache only if it loads whole: SentencePiece does not report a failed write (a
     full disk, a file-size limit), and a truncated model in the cache would break every later run."""
@@ -204,11 +232,16 @@ def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str
     """
     import sentencepiece as spm
 
-    h = hashlib.sha256()
+    h, long_lines = hashlib.sha256(), False
     for line in sample_lines:
-        h.update(line.encode("utf-8"))
+        data = line.encode("utf-8")
+        h.update(data)
         h.update(b"\n")
-    key = f"sp-{vocab_size}-{h.hexdigest()[:24]}"
+        long_lines = long_lines or len(data) > SP_MAX_SENTENCE_BYTES
+    # Lines SentencePiece would drop are cut for it; their models get a key of their own.
+    key = f"sp-{vocab_size}-{h.hexdigest()[:24]}" + ("-cut" if long_lines else "")
+    if long_lines:
+        sample_lines = list(_sentences(sample_lines))
     root = Path(os.path.expanduser(cache_dir)) / "tokenizers"
     final = root / key
     model = final / "spm.model"
