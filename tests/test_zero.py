@@ -322,6 +322,23 @@ RESUME_CONFIGS = {
 }
 
 
+def test_allowed_optimizer_changes_take_effect_on_resume(tmp_path, reference):
+    """As with the torch engine (test_trainer.py): lr, weight decay and betas changed on resume are the
+    optimizer's from the first resumed step, the lr following a fresh run's schedule at the new settings."""
+    part, fresh = str(tmp_path / "part"), str(tmp_path / "fresh")
+    _trainer(base_args(part, reference, steps=24) + ["--checkpoint-every", "12"], ZERO2).train(until=12)
+    changed = ["--lr", "0.01", "--weight-decay", "0.2", "--adam-beta2", "0.9"]
+    resumed = _trainer(base_args(part, reference, steps=24) + changed + ["--resume", "auto", "--allow-changed",
+                                                                         "lr,weight_decay,adam_beta2"], ZERO2)
+    groups = resumed.engine.basic_optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.2} and all(g["betas"] == (0.9, 0.9) for g in groups)
+    resumed.train(until=14)
+    _trainer(base_args(fresh, reference, steps=24) + changed, ZERO2).train(until=14)
+    lr = {p: {r["step"]: r["lr"] for r in map(json.loads, open(os.path.join(p, "metrics.jsonl")))
+              if r.get("event") == "train" and r["step"] > 12} for p in (part, fresh)}
+    assert lr[part] == lr[fresh] and len(lr[part]) == 2
+
+
 @pytest.mark.parametrize("name", list(RESUME_CONFIGS))
 def test_resume_across_regroups_is_exact(tmp_path, reference, name):
     """Resumed from megatie's own files (no DeepSpeed pickle), every optimizer kind continues as if
