@@ -537,3 +537,21 @@ def test_relaxed_resume_across_regroups_is_exact(tmp_path, reference):
     assert max(abs(a[s] - b[s]) / abs(a[s]) for s in b) <= 1e-6
     with pytest.raises(CheckpointError, match="tie_relax"):
         _trainer(base_args(str(tmp_path / "other"), reference, steps=36) + ["--resume", ckpt], ZERO2)
+
+
+def test_a_full_disk_during_a_zero_checkpoint_keeps_the_older_one(tmp_path, reference, monkeypatch):
+    import megatie.engines.deepspeed_engine as engine
+
+    out = tmp_path / "run"
+    trainer = _trainer(base_args(str(out), reference, steps=12) + ["--checkpoint-every", "6", "--keep-checkpoints",
+                                                                    "5"], ZERO2)
+    trainer.train(until=6)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_zero_slice", full)
+    with pytest.raises(CheckpointError, match="could not write its optimizer slice.*is the disk full"):
+        trainer.save()
+    checkpoints = out / "checkpoints"
+    assert "step_00000006" in os.listdir(checkpoints) and not any(n.startswith(".") for n in os.listdir(checkpoints))

@@ -277,6 +277,22 @@ def test_a_peer_stalled_inside_a_step_ends_every_rank_within_the_timeout(tmp_pat
     assert time.monotonic() - start < 150
 
 
+def test_one_ranks_full_disk_ends_every_rank_in_one_line(tmp_path):
+    """Rank 1 cannot write its optimizer slice: both ranks learn it at once (no wait for the timeout), say
+    it in one line, and no half-written checkpoint is left."""
+    start = time.monotonic()
+    procs = _start(_qlearning_args(str(tmp_path / "run"), "--checkpoint-every", "8"), str(tmp_path / "res"),
+                   MEGATIE_TEST_RANK1_DISK_FULL="1")
+    results = _finish(procs, timeout=180)
+    both = "\n---\n".join(stderr[-1500:] for _, _, stderr in results)
+    for code, _, stderr in results:
+        lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, both
+        assert "rank 1 could not write its optimizer slice" in lines[0] and "is the disk full" in lines[0], both
+    assert time.monotonic() - start < 100
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path / "run" / "checkpoints"))
+
+
 def test_two_ranks_relaxed_ties_agree_and_follow_the_torch_engine(tmp_path, reference):
     """Deltas and per-position norms regrouped on two ranks: equal weights on both, the single-process
     reference followed (within the SVD's sensitivity, see test_zero.py's delta test)."""

@@ -124,6 +124,13 @@ def _inject_rank1_faults(trainer) -> None:
             return proposal, delayed, policy
 
         controller.sync.broadcast = own_decision
+    if os.environ.get("MEGATIE_TEST_RANK1_DISK_FULL"):  # only this rank's disk: its slice cannot be written
+        import megatie.engines.deepspeed_engine as deepspeed_engine
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        deepspeed_engine.save_zero_slice = full
     step_stall = float(os.environ.get("MEGATIE_TEST_RANK1_STALL_IN_STEP_S", 0))
     if step_stall:  # inside a step: the peer waits in DeepSpeed's gradient reduction, not in megatie's
         train_step = trainer.engine.train_step

@@ -28,11 +28,13 @@ The rebuild calls DeepSpeed's ``DeepSpeedEngine._configure_optimizer`` / ``_conf
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
+from safetensors import SafetensorError
 
 from megatie.checkpoint.store import (
     file_record,
@@ -271,13 +273,28 @@ class DeepSpeedEngine:
         tmp = start_checkpoint_dir(root, name) if self.rank == 0 else None
         tmp = self.sync.broadcast(tmp)
         mine = os.path.join(tmp, zero_file(self.rank))
-        save_zero_slice(self.optimizer, self.rank, mine)
-        records = dict(self.sync.gather((zero_file(self.rank), file_record(mine))))
+        try:
+            save_zero_slice(self.optimizer, self.rank, mine)
+            outcome = (zero_file(self.rank), file_record(mine))
+        except (OSError, SafetensorError) as e:  # a full disk on one rank: every rank must hear of it
+            outcome = (zero_file(self.rank), f"rank {self.rank} could not write its optimizer slice ({e})")
+        outcomes = self.sync.gather(outcome)
+        failed = next((what for _, what in outcomes if isinstance(what, str)), None)
         final = os.path.join(root, name)
-        if self.rank == 0:
-            write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
-            seal_checkpoint_dir(tmp, records, step=step, engine="deepspeed", world_size=self.world_size)
-            replace_dir(tmp, final)
+        if failed is None and self.rank == 0:
+            try:
+                write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
+                seal_checkpoint_dir(tmp, dict(outcomes), step=step, engine="deepspeed", world_size=self.world_size)
+                replace_dir(tmp, final)
+            except (CheckpointError, OSError) as e:
+                failed = str(e)
+        if not any(isinstance(what, str) for _, what in outcomes):  # every rank wrote: rank 0's outcome counts
+            failed = self.sync.broadcast(failed)
+        if failed is not None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {name!r} was not written: {failed}; is the disk full? The "
+                                  "checkpoints written before it are intact")
         self.sync.barrier()
         return final
 
