@@ -495,7 +495,11 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError("--lr must be positive")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be a finite positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed <= 2**31 - 1:
+            raise ConfigError(f"--seed must be in [0, {2**31 - 1}], got {self.seed}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")

@@ -159,3 +159,16 @@ def test_a_corpus_of_one_long_line_trains_a_tokenizer(tmp_path):
     assert " ".join(pieces).split() == (text + " short line").split() and pieces[-1] == "short line"
     assert list(_sentences(["x" * 9000])) == ["x" * 1048] * 8 + ["x" * 616]
     assert train_sentencepiece([text], 512, tmp_path, num_threads=1).vocab_size == 512
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lr", "inf"], "--lr must be a finite positive number"),
+    (["--lr", "nan"], "--lr must be a finite positive number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--seed=-1"], "--seed must be in"),
+])
+def test_finetune_numbers_are_checked(tmp_path, run, flags, needle):  # noqa: F811
+    labeled = tmp_path / "l.csv"
+    labeled.write_text("text,label\nsome text,0\nmore text,1\n")
+    one_line_error(megatie("finetune", run, tmp_path / "out", "--train-file", labeled, *flags), needle)
+    assert not (tmp_path / "out").exists()
