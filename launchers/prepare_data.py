@@ -43,15 +43,15 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--cache-dir", default="~/.cache/megatie")
-    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores)")
+    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores; 0: in this process)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if not 16 <= args.vocab_size <= 1 << 22:
         ap.error(f"--vocab-size must be in [16, {1 << 22}], got {args.vocab_size}")
     if not 0 < args.holdout_fraction < 1:
         ap.error(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
-    if args.workers is not None and args.workers < 1:
-        ap.error(f"--workers must be at least 1, got {args.workers}")
+    if args.workers is not None and args.workers < 0:
+        ap.error(f"--workers must be at least 0 (0: in this process), got {args.workers}")
     # datasets imports torch (seconds, hundreds of MB) only to share state with DataLoader
     # workers; preparation never needs it.
     os.environ.setdefault("USE_TORCH", "0")

@@ -396,7 +396,7 @@ def test_launcher_errors_are_one_line_exit_2(tmp_path):
     ([], "required: --out-dir"),
     (["--vocab-size", "0"], "--vocab-size must be in"),
     (["--holdout-fraction", "1.5"], "--holdout-fraction must be in"),
-    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers=-1"], "--workers must be at least 0"),
 ])
 def test_launcher_flag_mistakes_are_one_line_not_a_usage_block(tmp_path, args, needle):
     extra = [] if not args else ["--out-dir", tmp_path / "D"]
