@@ -174,6 +174,8 @@ def test_vit_launcher_trains_on_an_image_folder_and_exports_a_classifier(tmp_pat
     r = _cli(LAUNCHER["vit"], "--out-dir", run, "--image-dir", folder, *SHAPE["vit"], "--max-steps", "8",
              "--checkpoint-every", "4")
     assert r.returncode == 0, r.stderr[-2000:]
+    # An image classifier's result is its accuracy, not a perplexity; the run says where its files are.
+    assert "final_val_accuracy=" in r.stdout and "ppl" not in r.stdout and f"results in {run}:" in r.stdout
     config = json.loads((run / "config.json").read_text())
     assert (config["image_size"], config["patch_size"], config["num_classes"], config["seq_len"]) == (32, 8, 2, 17)
     _export(run, tmp_path / "hf")

@@ -35,7 +35,7 @@ def test_tiny_preset_end_to_end(tmp_path, cache_dir):
     assert summary["budget_independent_layers"] == summary["final_independent_layers"] == 2
     assert summary["final_state"][0] == 0 and len(set(summary["final_state"])) == 2
     assert summary["mean_trainable_params"] <= summary["conventional_trainable_params"] / 3
-    assert "final_val_ppl=" in r.stdout
+    assert "final_val_ppl=" in r.stdout and f"results in {out}:" in r.stdout
 
 
 def one_line_error(r):

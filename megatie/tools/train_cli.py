@@ -343,11 +343,23 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
             lock.release()
     if summary.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
         return summary
-    keys = ("steps", "final_val_ppl", "best_val_ppl", *(("final_val_accuracy",) if summary["final_val_accuracy"]
-                                                         is not None else ()),
-            "mean_independent_layers", "final_trainable_params", "tokens_per_second")
-    print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+    print(summary_line(summary, model))
+    out_dir = resolved.run.out_dir
+    print(f"results in {out_dir}: summary.json, metrics.jsonl, tensorboard/ (tensorboard --logdir {out_dir}), "
+          f"checkpoints/; a standard model: megatie export {out_dir} DIR")
     return summary
+
+
+def summary_line(summary: dict, model: str) -> str:
+    """The run's result in the family's own terms: an image classifier's accuracy, not a perplexity."""
+    from megatie.models import get_spec
+
+    quality = {"image": ("final_val_accuracy", "val_accuracy_at_best_val"),
+               "masked": ("final_val_ppl", "best_val_ppl", "final_val_accuracy")}.get(
+        get_spec(model).objective, ("final_val_ppl", "best_val_ppl"))
+    keys = ("steps", *(k for k in quality if summary.get(k) is not None), "mean_independent_layers",
+            "final_trainable_params", "tokens_per_second")
+    return " ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys)
 
 
 def _train(cfg: TrainConfig) -> dict:
