@@ -45,6 +45,13 @@ LR_SCHEDULES = ("cosine", "constant")
 # becomes nanoGPT's 50304). The SentencePiece sizes the presets, benchmarks and tests use (512, 4096,
 # 8192) are multiples already: their models, losses and parameter counts do not change.
 DEFAULT_PAD_VOCAB_TO = 128
+DEFAULT_TIE_EVERY = 15  # steps between decisions (the paper's k) when --tie-every is not given
+MAX_VOCAB = 1 << 22  # four million pieces: beyond every tokenizer in use, and an embedding of GBs at any width
+# Bounds, inclusive, of the numbers validate() leaves to _validate_numbers (every float must also be finite).
+BOUNDS = {"seed": (0, 2**31 - 1), "eval_batches": (1, None), "warmup_steps": (0, None), "grad_clip": (0, None),
+          "weight_decay": (0, None), "min_lr_ratio": (0, 1), "pad_vocab_to": (1, 1 << 16),
+          "gamma": (0, 1), "agent_lr": (0, None), "eps_start": (0, 1), "eps_decay": (0, 1), "eps_min": (0, 1),
+          "agent_hidden": (1, None), "grad_accum": (1, None)}
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,11 @@ def validate(s) -> None:
         raise ConfigError(f"--grow-final must be in 1..{s.n_layer}, got {s.grow_final}")
     if info.ties and s.n_layer < 2:
         raise ConfigError("layer tying needs at least 2 blocks (--n-layer >= 2)")
+    if s.allow_changed and not s.resume:
+        raise ConfigError("--allow-changed names settings a resumed run may change: it needs --resume")
+    cache = os.path.expanduser(str(s.cache_dir))
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise ConfigError(f"--cache-dir {s.cache_dir} exists and is not a directory")
     if s.train_files and s.dataset:
         raise ConfigError("give either --train-file or --dataset, not both")
     if s.valid_files and not (s.train_files or s.dataset):
@@ -342,14 +354,6 @@ def validate(s) -> None:
     if s.dataset_dir and s.dataset != "lm1b":
         raise ConfigError("--dataset-dir reads the One Billion Word Benchmark's own layout: use it with "
                           "--dataset lm1b")
-
-DEFAULT_TIE_EVERY = 15  # steps between decisions (the paper's k) when --tie-every is not given
-MAX_VOCAB = 1 << 22  # four million pieces: beyond every tokenizer in use, and an embedding of GBs at any width
-# Bounds, inclusive, of numbers the checks above and below leave open (a float must be finite, always).
-BOUNDS = {"seed": (0, 2**31 - 1), "eval_batches": (1, None), "warmup_steps": (0, None), "grad_clip": (0, None),
-          "weight_decay": (0, None), "min_lr_ratio": (0, 1), "pad_vocab_to": (1, 1 << 16),
-          "gamma": (0, 1), "agent_lr": (0, None), "eps_start": (0, 1), "eps_decay": (0, 1), "eps_min": (0, 1),
-          "agent_hidden": (1, None), "grad_accum": (1, None)}
 
 
 def _validate_numbers(s) -> None:
@@ -363,11 +367,6 @@ def _validate_numbers(s) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"at least {low}" if high is None else f"in [{low}, {high}]"
             raise ConfigError(f"--{name.replace('_', '-')} must be {span}, got {value}")
-    if s.allow_changed and not s.resume:
-        raise ConfigError("--allow-changed names settings a resumed run may change: it needs --resume")
-    cache = os.path.expanduser(str(s.cache_dir))
-    if os.path.exists(cache) and not os.path.isdir(cache):
-        raise ConfigError(f"--cache-dir {s.cache_dir} exists and is not a directory")
 
 
 def _validate_relax(s, info) -> None:
@@ -499,7 +498,8 @@ class FinetuneConfig:
             raise ConfigError(f"--lr must be a finite positive number, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if not 0 <= self.seed <= 2**31 - 1:
-            raise ConfigError(f"--seed must be in [0, {2**31 - 1}], got {self.seed}")
+        low, high = BOUNDS["seed"]
+        if not low <= self.seed <= high:
+            raise ConfigError(f"--seed must be in [{low}, {high}], got {self.seed}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")

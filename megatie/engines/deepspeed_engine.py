@@ -279,16 +279,17 @@ class DeepSpeedEngine:
         except (OSError, SafetensorError) as e:  # a full disk on one rank: every rank must hear of it
             outcome = (zero_file(self.rank), f"rank {self.rank} could not write its optimizer slice ({e})")
         outcomes = self.sync.gather(outcome)
-        failed = next((what for _, what in outcomes if isinstance(what, str)), None)
+        failed = next((what for _, what in outcomes if isinstance(what, str)), None)  # the same on every rank
         final = os.path.join(root, name)
-        if failed is None and self.rank == 0:
-            try:
-                write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
-                seal_checkpoint_dir(tmp, dict(outcomes), step=step, engine="deepspeed", world_size=self.world_size)
-                replace_dir(tmp, final)
-            except (CheckpointError, OSError) as e:
-                failed = str(e)
-        if not any(isinstance(what, str) for _, what in outcomes):  # every rank wrote: rank 0's outcome counts
+        if failed is None:  # every slice written: rank 0's shared files decide, for every rank
+            if self.rank == 0:
+                try:
+                    write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
+                    seal_checkpoint_dir(tmp, dict(outcomes), step=step, engine="deepspeed",
+                                        world_size=self.world_size)
+                    replace_dir(tmp, final)
+                except (CheckpointError, OSError) as e:
+                    failed = str(e)
             failed = self.sync.broadcast(failed)
         if failed is not None:
             if self.rank == 0:

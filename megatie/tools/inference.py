@@ -49,7 +49,7 @@ def _hf_export(source: str):
 
     from megatie.runtime.trusted_dirs import NO_REMOTE_CODE
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' table
     hf_logging.disable_progress_bar()
     try:
@@ -61,7 +61,8 @@ def _hf_export(source: str):
         raise ConfigError(f"{source!r} does not hold a causal language model transformers can load: {why}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _refuse_non_causal(source: str) -> None:
