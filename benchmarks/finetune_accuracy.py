@@ -11,7 +11,7 @@ Three rows, one run:
 - untrained: the run's exact shape and tie map with freshly initialised weights, fine-tuned the same way;
 - pretrained: the run's model (exported with `megatie export`), fine-tuned the same way.
 
-    python benchmarks/finetune_accuracy.py --run runs/default --text-file my.txt --out r.json
+    python benchmarks/finetune_accuracy.py --run runs/gpt2 --text-file my.txt --out r.json
 
 The run and the text are the user's; everything else is written under a temporary directory and removed.
 """

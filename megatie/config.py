@@ -51,12 +51,12 @@ MAX_VOCAB = 1 << 22  # four million pieces: beyond every tokenizer in use, and a
 BOUNDS = {"seed": (0, 2**31 - 1), "eval_batches": (1, None), "warmup_steps": (0, None), "grad_clip": (0, None),
           "weight_decay": (0, None), "min_lr_ratio": (0, 1), "pad_vocab_to": (1, 1 << 16),
           "gamma": (0, 1), "agent_lr": (0, None), "eps_start": (0, 1), "eps_decay": (0, 1), "eps_min": (0, 1),
-          "agent_hidden": (1, None), "grad_accum": (1, None)}
+          "agent_hidden": (1, None), "grad_accum": (1, None), "threads": (1, 4096)}
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    out_dir: str = "runs/default"
+    out_dir: str | None = None  # runs/<family>: each launcher's runs apart
     preset: str = "tiny"
     max_steps: int | None = None
     seed: int = 1234
@@ -69,6 +69,7 @@ class RunSettings:
     keep_checkpoints: int = 2
     save_checkpoints: bool = True  # False: no step/best checkpoints (benchmarks)
     progress: bool = True
+    threads: int | None = None  # CPU threads of each process; unset: the usable cores shared among local ranks
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class RunFacts:
     n_layer: int                     # the blocks trained (ablation (i) decides its own)
     seq_len: int                     # tokens per example (ViT: patches + [CLS])
     vocab_size: int | None = None    # the tokenizer's (language models)
+    tokenization: str | None = None  # how text became ids (``megatie.data.tokenizers``; language models)
     num_classes: int | None = None   # images
     num_channels: int | None = None
     image_size: int | None = None
@@ -237,6 +239,7 @@ class TrainConfig:
         elif values["vocab_size"] is None:
             values["vocab_size"] = 8192
         _fill(values, "pad_vocab_to", DEFAULT_PAD_VOCAB_TO)
+        _fill(values, "out_dir", os.path.join("runs", self.model.family))
         _check_decisions(values)
         _fill(values, "tie_every", DEFAULT_TIE_EVERY)
         if isinstance(values["max_steps"], int):
@@ -404,7 +407,7 @@ def _validate_images(s) -> None:
 STRUCTURAL = ("model", "n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "pad_vocab_to", "num_classes",
               "image_size", "patch_size", "tie_policy", "tie_mode", "tie_every", "tie_relax", "tie_parts", "tie_keep_unique")
 # Settings that do not change what is trained (logging, places, timeouts): free to change on resume.
-FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
+FREE = frozenset({"out_dir", "threads", "resume", "allow_changed", "progress", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "save_checkpoints", "local_rank", "dist_timeout_s",
                   "peak_tflops", "cache_dir", "deepspeed",
                   # engine settings: the engine checks what must match (ZeRO stage, precision, ranks)
@@ -412,13 +415,17 @@ FREE = frozenset({"out_dir", "resume", "allow_changed", "progress", "log_every",
                   # kernel choices (TF32 matmuls, compiled blocks): the same model, computed faster
                   "tf32", "compile"})
 # What a checkpoint written before a setting existed ran with (its settings lack the key).
-BEFORE_SETTING = {"pad_vocab_to": 1, "tie_relax": "none", "tie_parts": "all", "tie_keep_unique": "none"}
+BEFORE_SETTING = {"pad_vocab_to": 1, "tie_relax": "none", "tie_parts": "all", "tie_keep_unique": "none",
+                  "tokenization": "lines"}
 
 
 def recorded_settings(cfg: TrainConfig, facts: RunFacts) -> dict:
     """The run as it ran, by flat name: every setting, with what the run learnt in place of what it was
     asked (a checkpoint's ``settings``; config.json adds the learnt part again as ``resolved``)."""
-    return {**cfg.flat(), **facts.as_dict()}
+    learnt = facts.as_dict()
+    if learnt["tokenization"] is None:  # images: no text, so nothing a language model's resume could compare
+        del learnt["tokenization"]
+    return {**cfg.flat(), **learnt}
 
 
 def config_record(cfg: TrainConfig, facts: RunFacts) -> dict:
@@ -437,6 +444,11 @@ def adopt_unset(cfg: TrainConfig, saved: dict) -> TrainConfig:
         if value is None and key not in FREE and saved.get(key) is not None:
             values[key] = saved[key]
     return TrainConfig.from_flat(values)
+
+
+def nothing_left_message(step: int, max_steps: int) -> str:
+    return (f"the checkpoint is at step {step} and --max-steps is {max_steps}: nothing left to train (raise "
+            "--max-steps and add --allow-changed max_steps)")
 
 
 def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:

@@ -47,6 +47,7 @@ from megatie.models.vocab import build_lm
 from megatie.runtime.atomic import replace_dir, write_json_atomic
 from megatie.runtime.distributed import RankSync
 from megatie.runtime.interrupts import raise_if_requested
+from megatie.runtime.threads import apply_threads
 from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
 from megatie.tying.layers import count_parameters, tying_for
@@ -75,6 +76,7 @@ class Trainer:
         self.device = device or self.sync.device
         checkpoint = self._open_checkpoint(cfg) if cfg.run.resume else None
         self.cfg = cfg = self._resolve(cfg, checkpoint)
+        self.threads = apply_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         reference = load_reference_run(cfg.tying.reference_run) if cfg.tying.reference_run else None
         self._build_data(reference)

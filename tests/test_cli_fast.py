@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from megatie.tools.train_cli import INTERRUPTED, check_out_dir, run_main
+from megatie.tools.preflight import check_out_dir
+from megatie.tools.train_cli import INTERRUPTED, run_main
 from megatie.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -125,8 +125,8 @@ def open_tokens(out_dir) -> tuple[dict, object, dict[str, list[np.ndarray]]]:
     splits = {name: [maps[g["file"]][g["offset"]:g["offset"] + g["length"]] for g in sp["segments"]]
               for name, sp in meta["splits"].items()}
     t = meta["tokenizer"]
-    spec = ({"kind": "sentencepiece", "path": str(out_dir / t["file"])} if t["kind"] == "sentencepiece"
-            else {"kind": "hf", "path": str(out_dir / t["file"])})
+    spec = {"kind": "sentencepiece" if t["kind"] == "sentencepiece" else "hf", "path": str(out_dir / t["file"]),
+            "tokenization": t.get("tokenization", "lines")}  # absent: prepared before it was recorded
     tok = load_tokenizer(spec)
     tok.name = t["name"]   # the identity it was prepared with, not the copy's path
     return meta, tok, splits

@@ -167,6 +167,7 @@ def clean_stale(out_dir: Path) -> None:
 def request_key(corpus: Corpus, tokenizer: str, vocab_size: int) -> tuple[dict, str]:
     tok_req = ({"kind": "sentencepiece", "vocab_size": vocab_size} if tokenizer == "sentencepiece"
                else {"kind": "named", "name": resolve_tokenizer(tokenizer).name})
+    tok_req["tokenization"] = "text"  # every new preparation (data prepared before used ``lines``)
     req = {"format": FORMAT, "corpus": corpus.key, "tokenizer": tok_req}
     return req, hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -257,7 +258,8 @@ def _stage_tokenizer(corpus, tokenizer, vocab_size, cache_dir, stage, journal):
     """The tokenizer, trained (on a bounded sample) or resolved once and kept in the staging directory."""
     if journal.tokenizer is not None:
         t = journal.tokenizer
-        tok = load_tokenizer({"kind": t["kind"], "path": str(stage / t["file"])})
+        tok = load_tokenizer({"kind": t["kind"], "path": str(stage / t["file"]),
+                              "tokenization": t.get("tokenization", "lines")})
         tok.name = t["name"]
         return tok, t
     tok = resolve_tokenizer(tokenizer)
@@ -272,7 +274,7 @@ def _stage_tokenizer(corpus, tokenizer, vocab_size, cache_dir, stage, journal):
     else:
         tok.tok.save_pretrained(stage / "tokenizer")
         tok_meta = {"kind": "hf", "file": "tokenizer"}
-    tok_meta.update(name=tok.name, vocab_size=tok.vocab_size)
+    tok_meta.update(name=tok.name, vocab_size=tok.vocab_size, tokenization=tok.tokenization)
     journal.record_tokenizer(tok_meta)
     return tok, tok_meta
 

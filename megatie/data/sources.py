@@ -54,14 +54,17 @@ class Corpus:
 
 
 def _lines_of(texts) -> list[str]:
+    """The lines of ``texts`` as written, blank ones and indentation included, without their line breaks
+    (universal newlines, as Python and ``datasets`` read text): the ``text`` tokenization sees the text
+    itself, and the ``lines`` one strips and skips what it never saw (``tokenizers._stripped_lines``)."""
     out = []
     for t in texts:
         if t is None:
             continue
-        for line in t.splitlines():
-            line = line.strip()
-            if line:
-                out.append(line)
+        parts = t.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if t.endswith(("\n", "\r")):
+            parts.pop()  # the break ends the last line; it starts no new one
+        out.extend(parts)
     return out
 
 
@@ -157,7 +160,7 @@ def _cached_sha(path: str) -> str:
 
 
 def file_line_stream(files: list[str]) -> Callable[[], Iterator[list[str]]]:
-    """Batches of non-empty lines read through ``datasets``' text/json builders, streamed."""
+    """Batches of lines read through ``datasets``' text/json builders, streamed (``_lines_of``)."""
 
     def stream():
         import datasets
@@ -207,7 +210,7 @@ def byte_ranges(files: list[str], size: int = 4 << 20):
 
 
 def read_range(path: str, start: int, end: int) -> list[str]:
-    """The non-empty stripped lines of a byte range, exactly as the datasets path yields them."""
+    """The lines of a byte range, exactly as the datasets path yields them (``_lines_of``)."""
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
@@ -346,6 +349,9 @@ def sample_lines(corpus: Corpus, max_bytes: int = 8 << 20) -> list[str]:
     batches = (read_range(*r) for r in byte_ranges(files, 1 << 20)) if files else stream()
     for batch in batches:
         for line in batch:
+            line = line.strip()  # the tokenizer normalises whitespace: blank lines teach it nothing
+            if not line:
+                continue
             out.append(line)
             n += len(line) + 1
             if n >= max_bytes:

@@ -5,10 +5,22 @@ Every tokenizer exposes the same small surface (``encode``, ``decode``, ``encode
 which kind they hold. ``spec()`` returns a picklable description that worker processes use
 to rebuild the tokenizer, because SentencePiece processors and fast tokenizers are cheaper
 to reload than to ship through a pipe.
+
+How text becomes ids is one of two *tokenizations*, recorded with every prepared directory, run and
+export (``tokenization.json``; a directory without one is ``lines``):
+
+- ``text`` (every new run): the text as written, blank lines and indentation included, with each line
+  break a token the tokenizer itself emits - SentencePiece's byte piece ``<0x0A>`` (each line is
+  normalised on its own, as the exported fast tokenizer does between line breaks), byte-level BPE's own
+  newline tokens (a batch of lines is encoded as one text). ``AutoTokenizer`` on an export therefore
+  gives the ids training saw, and ``</s>`` stays free to mean the end of a document.
+- ``lines`` (runs made before): each stripped, non-empty line encoded alone and followed by EOS
+  (SentencePiece) or the newline token (BPE). Kept so that old runs evaluate and export as they trained.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,8 +34,36 @@ from megatie.runtime.trusted_dirs import NO_REMOTE_CODE, refuse_remote_code
 # Reserved in every SentencePiece model we train, so the same model serves causal and
 # masked LM and an MLM run never has to retrain the tokenizer.
 SP_CONTROL_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
+TOKENIZATIONS = ("text", "lines")
+TOKENIZATION_FILE = "tokenization.json"
+SP_NEWLINE = "<0x0A>"  # the byte-fallback piece of "\n" (every SentencePiece model megatie trains has it)
 GPT2_MISSING = ("GPT-2's tokenizer is not in the local cache; pass --tokenizer sentencepiece "
                 "or a local path")
+
+
+def _stripped_lines(lines: list[str]) -> list[str]:
+    """The ``lines`` tokenization's view of raw lines: split as str.splitlines, stripped, blanks dropped."""
+    return [part.strip() for line in lines for part in line.splitlines() if part.strip()]
+
+
+def write_tokenization(directory: str | os.PathLike, tokenization: str) -> None:
+    with open(os.path.join(directory, TOKENIZATION_FILE), "w") as f:
+        json.dump({"tokenization": tokenization}, f)
+
+
+def read_tokenization(directory: str | os.PathLike) -> str:
+    """The tokenization a run, export or prepared tokenizer directory records (``lines`` if none: older)."""
+    path = os.path.join(directory, TOKENIZATION_FILE)
+    if not os.path.isfile(path):
+        return "lines"
+    try:
+        with open(path) as f:
+            value = json.loads(f.read(4096)).get("tokenization")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if value not in TOKENIZATIONS:
+        raise DataError(f"{path} is damaged: it names no tokenization of {TOKENIZATIONS}")
+    return value
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -40,7 +80,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 class SentencePieceTokenizer:
     kind = "sentencepiece"
 
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike, tokenization: str = "text"):
         import sentencepiece as spm
 
         self.model_file = str(model_file)
@@ -60,17 +100,37 @@ class SentencePieceTokenizer:
         # piece_to_id returns unk for pieces a foreign model lacks.
         ids = {s: (i if i != self.unk_id else None) for s, i in ids.items()}
         self.mask_id, self.cls_id, self.sep_id = ids["[MASK]"], ids["[CLS]"], ids["[SEP]"]
-        # A line is encoded as its pieces followed by EOS, which stands for the line break
-        # that SentencePiece's whitespace normalisation would otherwise erase.
-        self.line_end_ids = [self.eos_id] if self.eos_id >= 0 else []
+        # SentencePiece's whitespace normalisation erases line breaks, so each line is encoded alone and
+        # followed by a line-end id: the newline's byte piece (text), or EOS in runs made before (lines).
+        # A foreign model without byte pieces can only be used the old way.
+        newline = int(self.sp.piece_to_id(SP_NEWLINE))
+        self.newline_id = newline if newline != self.unk_id and self.sp.is_byte(newline) else None
+        self.tokenization = tokenization if self.newline_id is not None else "lines"
+        if self.tokenization == "text":
+            self.line_end_ids = [self.newline_id]
+        else:
+            self.line_end_ids = [self.eos_id] if self.eos_id >= 0 else []
 
     def encode(self, text: str) -> list[int]:
+        if self.tokenization == "text" and "\n" in text:  # as the exported tokenizer: line by line
+            return [i for row in self.encode_lines(text.split("\n")) for i in row][:-1]
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if self.tokenization != "text":
+            return self.sp.decode(ids)
+        lines, start = [], 0  # each line was normalised alone: decoded alone, as the exported tokenizer does
+        for at, i in enumerate(ids):
+            if i == self.newline_id:
+                lines.append(self.sp.decode(ids[start:at]))
+                start = at + 1
+        return "\n".join(lines + [self.sp.decode(ids[start:])])
 
     def encode_lines(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Ids of raw lines (without their line breaks), each followed by the line end."""
+        if self.tokenization == "lines":
+            lines = _stripped_lines(lines)
         # Worker processes pass num_threads=1: the parallelism is already one process per core.
         out = self.sp.encode(lines) if num_threads is None else self.sp.encode(lines, num_threads=num_threads)
         end = self.line_end_ids
@@ -85,10 +145,11 @@ class SentencePieceTokenizer:
         return sorted({i for i in ids if i is not None and i >= 0})
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "path": self.model_file}
+        return {"kind": self.kind, "path": self.model_file, "tokenization": self.tokenization}
 
     def save(self, directory: str | os.PathLike) -> None:
         shutil.copyfile(self.model_file, os.path.join(directory, "tokenizer.model"))
+        write_tokenization(directory, self.tokenization)
 
 
 class HFTokenizer:
@@ -96,10 +157,10 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, tokenization: str = "text"):
         from transformers import AutoTokenizer
 
-        self.name_or_path = name_or_path
+        self.name_or_path, self.tokenization = name_or_path, tokenization
         if os.path.isdir(name_or_path):
             refuse_remote_code(name_or_path)
         try:
@@ -123,11 +184,11 @@ class HFTokenizer:
         else:
             h = hashlib.sha256()
             for f in sorted(Path(name_or_path).glob("*")):
-                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".merges"):
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".merges") and f.name != TOKENIZATION_FILE:
                     h.update(f.name.encode())
                     h.update(file_sha256(f).encode())
             self.name = f"hf-{Path(name_or_path).name}-{self.vocab_size}-{h.hexdigest()[:16]}"
-        # Byte-level BPE keeps the newline itself, which is the faithful line break.
+        # (lines) Byte-level BPE keeps the newline itself, which is the faithful line break.
         nl = self.tok.encode("\n", add_special_tokens=False)
         self.line_end_ids = nl if len(nl) == 1 else ([self.eos_id] if self.eos_id is not None else [])
 
@@ -138,7 +199,12 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids])
 
     def encode_lines(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
-        out = self.tok(lines, add_special_tokens=False)["input_ids"]
+        """Ids of raw lines (without their line breaks), each followed by the line end."""
+        if self.tokenization == "text":
+            # One text, so that runs of blank lines and spaces merge as they do in any document the
+            # tokenizer is given (encoding lines one by one would split them).
+            return [self.encode("".join(f"{line}\n" for line in lines))]
+        out = self.tok(_stripped_lines(lines), add_special_tokens=False)["input_ids"]
         end = self.line_end_ids
         for ids in out:
             ids.extend(end)
@@ -149,17 +215,21 @@ class HFTokenizer:
         return sorted(set(int(i) for i in self.tok.all_special_ids))
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "path": self.name_or_path}
+        return {"kind": self.kind, "path": self.name_or_path, "tokenization": self.tokenization}
 
     def save(self, directory: str | os.PathLike) -> None:
         self.tok.save_pretrained(str(directory))
+        write_tokenization(directory, self.tokenization)
 
 
 def load_tokenizer(spec: dict):
     """Rebuild a tokenizer from ``spec()`` (used by worker processes and prepared dirs)."""
+    tokenization = spec.get("tokenization", "lines")  # prepared before tokenizations were recorded
+    if tokenization not in TOKENIZATIONS:
+        raise DataError(f"unknown tokenization {tokenization!r} for {spec['path']}; expected one of {TOKENIZATIONS}")
     if spec["kind"] == "sentencepiece":
-        return SentencePieceTokenizer(spec["path"])
-    return HFTokenizer(spec["path"])
+        return SentencePieceTokenizer(spec["path"], tokenization)
+    return HFTokenizer(spec["path"], tokenization)
 
 
 def resolve_tokenizer(name: str):
@@ -239,7 +309,7 @@ def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str
         h.update(b"\n")
         long_lines = long_lines or len(data) > SP_MAX_SENTENCE_BYTES
     # Lines SentencePiece would drop are cut for it; their models get a key of their own.
-    key = f"sp-{vocab_size}-{h.hexdigest()[:24]}" + ("-cut" if long_lines else "")
+    key = f"sp-{vocab_size}-{h.hexdigest()[:24]}" + ("-cut" if long_lines else "") + "-noprefix"
     if long_lines:
         sample_lines = list(_sentences(sample_lines))
     root = Path(os.path.expanduser(cache_dir)) / "tokenizers"
@@ -265,6 +335,10 @@ def train_sentencepiece(sample_lines: list[str], vocab_size: int, cache_dir: str
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 control_symbols=list(SP_CONTROL_SYMBOLS),
                 byte_fallback=True,
+                # No "▁" before a line's first word: a text's pieces then do not depend on where a call to
+                # the tokenizer starts, so a continuation decodes with its leading space (and a line's
+                # first word is spelt as in a document, where the line break is a token of its own).
+                add_dummy_prefix=False,
                 minloglevel=2,
             )
         except RuntimeError as exc:

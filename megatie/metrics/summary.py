@@ -39,6 +39,7 @@ def run_summary(trainer, memory: dict, final_val: dict) -> dict:
         "train_time_s": trainer.stats["train_time"],
         "setup_s": trainer.setup_s,
         "data_setup_s": trainer.data_setup_s,
+        **trainer.threads,  # CPU threads per process and why (megatie.runtime.threads)
         "peak_memory_bytes": most["peak_bytes"],
         "avg_memory_bytes": most["avg_bytes"],
         "peak_reserved_bytes": most["peak_reserved_bytes"],

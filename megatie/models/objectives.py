@@ -54,7 +54,8 @@ class CausalLM:
     def learnt(self) -> dict:
         """What the data decided (``megatie.config.RunFacts``): the tokenizer's real vocabulary (GPT-2's is
         50257 whatever --vocab-size says)."""
-        return {"vocab_size": self.data.vocab_size, "seq_len": self.cfg.model.seq_len}
+        return {"vocab_size": self.data.vocab_size, "seq_len": self.cfg.model.seq_len,
+                "tokenization": self.data.tokenizer.tokenization}
 
     def save(self, directory: str) -> None:
         self.data.tokenizer.save(directory)

@@ -144,7 +144,7 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
         else:
             from megatie.data.hf_tokenizer import export_tokenizer
 
-            special = export_tokenizer(os.path.join(run_dir, "tokenizer"), tmp)
+            special = export_tokenizer(os.path.join(run_dir, "tokenizer"), tmp, int(settings["seq_len"]))
             for key, token_id in special.items():  # generate() needs the tokenizer's own end of text
                 setattr(model.config, key, token_id)
         model.config.architectures = [type(model).__name__]
@@ -152,7 +152,7 @@ def export_run(run_dir: str, out_dir: str, which: str = "best", fmt: str = "hf")
             _write_hf(model, tying, tmp)
         else:
             _write_compact(model, tying, tmp)
-        _write_card(tmp, fmt, tying, settings, which)
+        _write_card(tmp, fmt, tying, settings, which, _tokenization_note(os.path.join(run_dir, "tokenizer"), settings))
 
     return write_into(out_dir, fill)
 
@@ -242,7 +242,23 @@ _CARDS = {"gpt2": ("AutoModelForCausalLM", "GPT-2"), "llama": ("AutoModelForCaus
           "vit": ("AutoModelForImageClassification", "A Vision Transformer (image classifier)")}
 
 
-def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str) -> None:
+def _tokenization_note(tokenizer_dir: str, settings: dict) -> str:
+    """How the export's tokenizer turns a document into the ids the model trained on (the card's words)."""
+    if settings.get("model") == "vit":
+        return ""
+    from megatie.data.tokenizers import read_tokenization
+
+    if read_tokenization(tokenizer_dir) == "text":
+        return (f"- Tokenization: the text as written. `tokenizer(document)` gives the ids the model trained on, "
+                f"line breaks included\n  (a token of their own); the end-of-text token marks the end of a document, "
+                f"and inputs are at most {settings['seq_len']} tokens.\n")
+    return ("- Tokenization (a run made before line breaks were tokens): the model trained on each stripped, "
+            "non-empty line\n  encoded alone and followed by the end-of-text token (SentencePiece) or the newline "
+            "token; encode a document\n  line by line that way to see what it saw, and expect generation to stop "
+            "at a line end.\n")
+
+
+def _write_card(tmp: str, fmt: str, tying, settings: dict, which: str, tokenization: str = "") -> None:
     state = list(tying.state)
     independent = num_independent(state)
     family = settings.get("model", "gpt2")
@@ -268,7 +284,7 @@ tags: [{family}, megatie, layer-tying]
 - Tie map at this checkpoint (`{which}`): block i uses the weights of block `root[i]`, `root` =
   `{root_of(state)}` (state `{state}`):
   {independent} independent block(s) of {len(state)}.
-- Ties relaxed: {relaxed}.
+{tokenization}- Ties relaxed: {relaxed}.
 - Sizes: {stored:,} parameters stored by the compact export (roots, deltas, per-position tensors),
   {materialised:,} in the standard model (every block materialised).
 - Trained with tie policy `{settings['tie_policy']}` (mode `{settings['tie_mode']}`, a decision every

@@ -181,7 +181,7 @@ def _write_result(model, tying, tokenizer_dir: str, summary: dict, tmp: str) -> 
     from megatie.metrics.logger import MetricsLogger
     from megatie.tools.export import untied_state_dict
 
-    export_tokenizer(tokenizer_dir, tmp)
+    export_tokenizer(tokenizer_dir, tmp, model.config.n_positions)
     model.config._attn_implementation = None  # let the loading side choose its attention kernel
     plain = GPT2ForSequenceClassification(model.config)
     plain.load_state_dict(untied_state_dict(model, tying))  # every block a tensor of its own

@@ -84,13 +84,17 @@ def _refuse_non_causal(source: str) -> None:
 
 def tokenizer_in(directory: str):
     """megatie's tokenizer from a directory: SentencePiece's own model if present, else transformers'."""
-    from megatie.data.tokenizers import HFTokenizer, SentencePieceTokenizer
+    from megatie.data.tokenizers import (
+        HFTokenizer,
+        SentencePieceTokenizer,
+        read_tokenization,
+    )
 
     sp_model = os.path.join(directory, "tokenizer.model")
     if os.path.isfile(sp_model):
-        return SentencePieceTokenizer(sp_model)
+        return SentencePieceTokenizer(sp_model, read_tokenization(directory))
     if os.path.isdir(directory) and os.listdir(directory):
-        return HFTokenizer(directory)
+        return HFTokenizer(directory, read_tokenization(directory))
     raise ConfigError(f"no tokenizer in {directory!r}")
 
 
@@ -146,4 +150,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 50, temperatur
     if sampling:
         options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **options)
-    return tokenizer.decode(out[0, len(ids):].tolist())
+    new = out[0, len(ids):].tolist()
+    # Decoded with its prompt, then cut: a continuation decoded alone would lose the space it starts with.
+    full, head = tokenizer.decode(ids + new), tokenizer.decode(ids)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new)

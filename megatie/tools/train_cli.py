@@ -12,17 +12,30 @@ from __future__ import annotations
 
 import argparse
 import errno
-import glob
 import os
 import sys
 import traceback
 from types import SimpleNamespace
 
-from megatie.config import DEFAULT_TIE_EVERY, FLAT, FREE, LR_SCHEDULES, TrainConfig
-from megatie.errors import ConfigError, MegatieError
+from megatie.config import (
+    DEFAULT_TIE_EVERY,
+    FLAT,
+    FREE,
+    LR_SCHEDULES,
+    TrainConfig,
+)
+from megatie.errors import MegatieError
 from megatie.presets import PRESETS
 from megatie.runtime.interrupts import ignore_interrupts, interrupts_end_the_run
 from megatie.runtime.runlock import RunLock
+from megatie.tools.preflight import (
+    check_inputs,
+    check_not_a_run_to_overwrite,
+    check_out_dir,
+    check_precision,
+    check_something_left,
+    remove_if_empty,
+)
 from megatie.tying import options
 
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -54,12 +67,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = SimpleNamespace(**TrainConfig().flat())  # every setting's default, by its flag's name
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", default=d.out_dir, help="run directory (metrics, checkpoints, summary)")
+    run.add_argument("--out-dir", default=d.out_dir,
+                     help="run directory: metrics, checkpoints, summary (default runs/<family>, e.g. runs/gpt2)")
     run.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), metavar="NAME",
                      help=f"model/run size: {', '.join(PRESETS)}")
     run.add_argument("--max-steps", type=int, help="optimizer steps (preset default)")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out-dir that verifies")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads per process (default: the usable cores divided among this node's ranks; "
+                          "OMP_NUM_THREADS, when set, is kept)")
     run.add_argument("--allow-changed", type=_name_list, default=[], metavar="SETTING[,SETTING]",
                      help="on resume, accept these settings differing from the checkpoint's (e.g. max_steps,lr); "
                           "other changes are refused")
@@ -202,7 +219,8 @@ def run_main(main_fn, argv=None) -> int:
         except MegatieError as e:
             if os.environ.get("MEGATIE_DEBUG"):
                 traceback.print_exc()
-            print(f"error: {e}", file=sys.stderr)
+            if not getattr(e, "rank_zero_only", False) or os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
             if e.errno not in DISK_FULL:
@@ -228,97 +246,6 @@ def exit_process(code: int) -> None:
     sys.exit(code)
 
 
-def check_out_dir(path: str) -> None:
-    """Create the run directory and make sure the run can write there. Done before torch, the data
-    and DeepSpeed load, so a mistyped or read-only --out-dir costs a second, not a minute. Every rank
-    checks: DeepSpeed checkpoints are written by all ranks."""
-    if not path:
-        raise ConfigError("--out-dir must not be empty")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--out-dir {path} exists and is not a directory; choose another path")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create --out-dir {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out-dir {path} is not writable; choose another path")
-
-
-def check_not_a_run_to_overwrite(cfg: TrainConfig) -> None:
-    """Training from scratch into a directory that holds a finished run or checkpoints would overwrite
-    them: such a run is continued (--resume) or left alone. A directory whose run died before its first
-    checkpoint holds nothing to lose and is trained into again."""
-    if cfg.run.resume:
-        return
-    finished = os.path.isfile(os.path.join(cfg.run.out_dir, "summary.json"))
-    held = glob.glob(os.path.join(glob.escape(cfg.run.out_dir), "checkpoints", "step_*", "meta.json"))
-    if finished or held:
-        what = "a finished run" if finished else f"a run with {len(held)} checkpoint(s)"
-        raise ConfigError(f"--out-dir {cfg.run.out_dir} already holds {what}; continue it with --resume auto, or "
-                          "choose another --out-dir (nothing there was changed)")
-
-
-def check_inputs(cfg: TrainConfig) -> None:
-    """Paths the run will read: missing ones fail here, before the heavy imports."""
-    from megatie.data.sources import resolve_files  # plain Python
-
-    for patterns in (cfg.data.train_files, cfg.data.valid_files):
-        if patterns:
-            resolve_files(patterns)
-    for flag, path in (("--data-dir", cfg.data.data_dir), ("--reference-run", cfg.tying.reference_run),
-                       ("--image-dir", cfg.data.image_dir)):
-        if path is not None and not os.path.isdir(os.path.expanduser(path)):
-            raise ConfigError(f"{flag} {path} is not a directory; check the path")
-    if cfg.run.resume not in (None, "auto", "latest") and not os.path.isdir(cfg.run.resume):
-        raise ConfigError(f"--resume {cfg.run.resume}: no such checkpoint directory (or use --resume auto)")
-
-
-class _Hold:
-    """A logging filter that keeps the records it stops."""
-
-    def __init__(self, records: list):
-        self.records = records
-
-    def filter(self, record) -> bool:
-        self.records.append(record)
-        return False
-
-
-def check_precision(cfg: TrainConfig) -> None:
-    """Refuse a DeepSpeed config whose fp16/bf16 the accelerator lacks, in one line, before the process
-    group, the model and the data exist (DeepSpeed itself only notices in its engine's constructor)."""
-    if cfg.engine.precision not in ("fp16", "bf16"):
-        return
-    import logging
-
-    # Importing DeepSpeed chooses the accelerator and logs "Setting accelerator to CPU ..." when none is
-    # named: held back, so a refusal stays one line, and replayed when the run goes on.
-    held: list[logging.LogRecord] = []
-    ds_logger = logging.getLogger("DeepSpeed")
-    hold = _Hold(held)
-    ds_logger.addFilter(hold)
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        accelerator = get_accelerator()
-    finally:
-        ds_logger.removeFilter(hold)
-    if accelerator.device_name() != "cpu":
-        # The CUDA queries act on the current device: make it this rank's, not everyone's device 0
-        # (init_deepspeed_distributed selects the same one).
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", cfg.engine.local_rank or 0)))
-    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}
-    if supported[cfg.engine.precision]():  # the CPU accelerator answers None rather than False for fp16
-        for record in held:
-            ds_logger.handle(record)
-        return
-    source = cfg.engine.deepspeed if cfg.engine.deepspeed is not None else "the DeepSpeed config"
-    other = "bf16" if cfg.engine.precision == "fp16" else "fp16"
-    also = f" or ds_configs/zero2_{other}.json ({other})" if supported[other]() else ""
-    raise ConfigError(f"{source} asks for {cfg.engine.precision}, which DeepSpeed's {accelerator.device_name()} "
-                      f"accelerator does not support on this machine; use ds_configs/zero2.json (fp32){also}")
-
-
 def train_main(argv=None, model: str = "gpt2") -> dict:
     """Train a model of family ``model`` (the launcher's: train_gpt2.py, train_llama.py, train_bert.py,
     train_vit.py) with ``argv``."""
@@ -328,16 +255,26 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
     # run trains with exactly this config; a resumed one first takes what was left unset from its
     # checkpoint (the trainer resolves that once), so here its flags are only checked.
     resolved = cfg.resolved()
-    check_out_dir(resolved.run.out_dir)
+    given = given_flags(argv)
+    # Everything checkable is checked before the run directory is made: a refused run leaves nothing.
     check_inputs(resolved)
+    check_not_a_run_to_overwrite(resolved)
+    check_something_left(resolved, given)
+    if resolved.uses_deepspeed:
+        check_precision(resolved)
+    made = check_out_dir(resolved.run.out_dir)
     # One run per out-dir, held by the (global) rank 0 process, taken before the heavy imports so
     # that a second run is refused at once.
     lock = RunLock(resolved.run.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
-        check_not_a_run_to_overwrite(resolved)
-        if resolved.uses_deepspeed:
-            check_precision(resolved)
-        summary = _train(resume_config(cfg, given_flags(argv)) if cfg.run.resume else resolved)
+        check_not_a_run_to_overwrite(resolved)  # again under the lock: a run may have finished meanwhile
+        summary = _train(resume_config(cfg, given) if cfg.run.resume else resolved)
+    except MegatieError:
+        if lock is not None:
+            lock.release()
+            lock = None
+            remove_if_empty(made)  # a run that failed on its data or its checkpoint leaves no empty directories
+        raise
     finally:
         if lock is not None:
             lock.release()
