@@ -446,11 +446,6 @@ def adopt_unset(cfg: TrainConfig, saved: dict) -> TrainConfig:
     return TrainConfig.from_flat(values)
 
 
-def nothing_left_message(step: int, max_steps: int) -> str:
-    return (f"the checkpoint is at step {step} and --max-steps is {max_steps}: nothing left to train (raise "
-            "--max-steps and add --allow-changed max_steps)")
-
-
 def check_settings(saved: dict, current: dict, allowed: list[str]) -> dict[str, list]:
     """``{setting: [checkpoint's, this run's]}`` for every allowed change; raise for any other."""
     saved = {**BEFORE_SETTING, **saved}

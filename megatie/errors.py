@@ -14,6 +14,14 @@ class ConfigError(MegatieError, ValueError):
     """An invalid flag, config value or tie vector."""
 
 
+class NothingLeftToTrain(ConfigError):
+    """A resumed run whose checkpoint already reached --max-steps."""
+
+    def __init__(self, step: int, max_steps: int):
+        super().__init__(f"the checkpoint is at step {step} and --max-steps is {max_steps}: nothing left to train "
+                         "(raise --max-steps and add --allow-changed max_steps)")
+
+
 class DataError(MegatieError):
     """A missing, empty, unreadable or inconsistent corpus or data directory."""
 

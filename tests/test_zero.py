@@ -58,10 +58,18 @@ def _rel(a, b):
     return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
+def long_args(out: str, reference: str) -> list[str]:
+    """104 steps, six regroups and more, without gradient clipping: each engine sums the clipping norm in its
+    own order, and over a hundred steps training's sensitivity grows that last-bit difference past 1e-6 on
+    some corpora (measured: 3e-5 at one step); without clipping the two engines agree bit for bit, so the
+    comparison sees the regroup alone. The 40-step comparisons below keep clipping in."""
+    return base_args(out, reference) + ["--grad-clip", "0"]
+
+
 @pytest.fixture(scope="module")
 def torch_reference(tmp_path_factory, reference):
     out = str(tmp_path_factory.mktemp("torch"))
-    _, losses = _run(base_args(out, reference))
+    _, losses = _run(long_args(out, reference))
     return losses
 
 
@@ -75,7 +83,7 @@ def torch_reference_40(tmp_path_factory, reference):
 
 # --------------------------------------------------------------------------- equivalence
 def test_zero2_fp32_matches_torch_reference(tmp_path, reference, torch_reference):
-    trainer, losses = _run(base_args(str(tmp_path), reference), ZERO2)
+    trainer, losses = _run(long_args(str(tmp_path), reference), ZERO2)
     assert trainer.engine.regroups >= 6
     assert len(losses) >= 100
     assert _rel(losses, torch_reference) <= 1e-6
@@ -86,7 +94,7 @@ def test_dropping_carried_state_is_detected(tmp_path, reference, torch_reference
     import megatie.engines.deepspeed_engine as engine
 
     monkeypatch.setattr(engine, "carry_in", lambda *a, **k: 0)
-    _, losses = _run(base_args(str(tmp_path), reference), ZERO2)
+    _, losses = _run(long_args(str(tmp_path), reference), ZERO2)
     assert _rel(losses, torch_reference) > 1e-4
 
 
@@ -110,7 +118,7 @@ def test_misassigned_state_is_detected(tmp_path, reference, torch_reference, mon
         return carried
 
     monkeypatch.setattr(engine, "carry_out", rotated)
-    _, losses = _run(base_args(str(tmp_path), reference), ZERO2)
+    _, losses = _run(long_args(str(tmp_path), reference), ZERO2)
     assert _rel(losses, torch_reference) > 1e-4
 
 

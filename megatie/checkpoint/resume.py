@@ -28,8 +28,7 @@ from megatie.checkpoint.store import (
     verify_files,
     zero_file,
 )
-from megatie.config import nothing_left_message
-from megatie.errors import CheckpointError, ConfigError
+from megatie.errors import CheckpointError, NothingLeftToTrain
 from megatie.runtime.atomic import write_lines_atomic
 
 
@@ -111,7 +110,7 @@ def read_step(path: str) -> int:
 
 def check_max_steps(step: int, max_steps: int) -> None:
     if max_steps <= step:
-        raise ConfigError(nothing_left_message(step, max_steps))
+        raise NothingLeftToTrain(step, max_steps)
 
 
 def truncate_metrics(out_dir: str, step: int) -> int:

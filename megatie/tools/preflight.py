@@ -7,8 +7,8 @@ import glob
 import json
 import os
 
-from megatie.config import TrainConfig, nothing_left_message
-from megatie.errors import ConfigError
+from megatie.config import TrainConfig
+from megatie.errors import ConfigError, NothingLeftToTrain
 
 
 def check_out_dir(path: str) -> list[str]:
@@ -52,12 +52,15 @@ def check_something_left(cfg: TrainConfig, given: set[str]) -> None:
         with open(os.path.join(cfg.run.out_dir, "summary.json"), encoding="utf-8") as f:
             done = json.load(f).get("steps")
         with open(os.path.join(cfg.run.out_dir, "config.json"), encoding="utf-8") as f:
-            planned = json.load(f).get("max_steps")
+            recorded = json.load(f)
+        planned, family = recorded.get("max_steps"), recorded.get("model", "gpt2")
     except (OSError, ValueError, AttributeError):
         return  # unfinished, or unreadable: the trainer decides from the checkpoint
+    if family != cfg.model.family:
+        return  # another family's run: the trainer's refusal names the launcher to use
     max_steps = cfg.run.max_steps if "max_steps" in given else planned
     if isinstance(done, int) and isinstance(max_steps, int) and done >= max_steps:
-        err = ConfigError(nothing_left_message(done, max_steps))
+        err = NothingLeftToTrain(done, max_steps)
         err.rank_zero_only = True
         raise err
 
