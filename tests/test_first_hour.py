@@ -85,11 +85,13 @@ def test_resuming_a_finished_run_is_refused_before_the_heavy_start(tmp_path):
     # Under a distributed launcher every rank refuses, and one line says so for the whole job.
     quiet = run_cli(again, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert quiet.returncode == 2 and quiet.stderr.strip() == ""
-    # A higher --max-steps (allowed) gets past the check: the trainer then resumes the run.
+    # A higher --max-steps (allowed) gets past the check: the trainer then resumes the run, and a flag given
+    # on the command line wins over the checkpoint's (it checkpointed every 4 steps).
     more = run_cli(["--out-dir", str(out), "--resume", "auto", "--max-steps", "6", "--allow-changed", "max_steps",
-                    "--no-progress", "--cache-dir", str(tmp_path / "c")])
+                    "--checkpoint-every", "1", "--no-progress", "--cache-dir", str(tmp_path / "c")])
     assert more.returncode == 0, more.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000006"]
 
 
 def test_the_readme_example_files_are_made_offline_and_read_back(tmp_path):

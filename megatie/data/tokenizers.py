@@ -110,9 +110,14 @@ class SentencePieceTokenizer:
             self.line_end_ids = [self.newline_id]
         else:
             self.line_end_ids = [self.eos_id] if self.eos_id >= 0 else []
+        # Written in a text, a special piece ("</s>", "<unk>", "[MASK]") is that token, as in every
+        # transformers tokenizer (the export's included), and the text on either side is normalised alone.
+        self.special_pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                               if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self._specials = re.compile("|".join(re.escape(p) for p in sorted(self.special_pieces, key=len, reverse=True)))
 
     def encode(self, text: str) -> list[int]:
-        if self.tokenization == "text" and "\n" in text:  # as the exported tokenizer: line by line
+        if self.tokenization == "text":  # as the exported tokenizer: line by line
             return [i for row in self.encode_lines(text.split("\n")) for i in row][:-1]
         return self.sp.encode(text)
 
@@ -120,12 +125,17 @@ class SentencePieceTokenizer:
         ids = [int(i) for i in ids]
         if self.tokenization != "text":
             return self.sp.decode(ids)
-        lines, start = [], 0  # each line was normalised alone: decoded alone, as the exported tokenizer does
-        for at, i in enumerate(ids):
+        # Each line was normalised alone: decoded alone, as the exported tokenizer decodes, without its
+        # special tokens (as transformers' text-generation pipeline shows them).
+        special = set(self.special_pieces.values())
+        lines, line = [], []
+        for i in ids:
             if i == self.newline_id:
-                lines.append(self.sp.decode(ids[start:at]))
-                start = at + 1
-        return "\n".join(lines + [self.sp.decode(ids[start:])])
+                lines.append(self.sp.decode(line))
+                line = []
+            elif i not in special:
+                line.append(i)
+        return "\n".join(lines + [self.sp.decode(line)])
 
     def encode_lines(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
         """Ids of raw lines (without their line breaks), each followed by the line end."""
@@ -133,10 +143,22 @@ class SentencePieceTokenizer:
             lines = _stripped_lines(lines)
         # Worker processes pass num_threads=1: the parallelism is already one process per core.
         out = self.sp.encode(lines) if num_threads is None else self.sp.encode(lines, num_threads=num_threads)
+        if self.tokenization == "text" and self.special_pieces:
+            for k, line in enumerate(lines):
+                if self._specials.search(line):  # rare: such lines again, cut at their special pieces
+                    out[k] = self._encode_around_specials(line)
         end = self.line_end_ids
         for ids in out:
             ids.extend(end)
         return out
+
+    def _encode_around_specials(self, line: str) -> list[int]:
+        ids, start = [], 0
+        for match in self._specials.finditer(line):
+            ids += self.sp.encode(line[start:match.start()])
+            ids.append(self.special_pieces[match.group()])
+            start = match.end()
+        return ids + self.sp.encode(line[start:])
 
     @property
     def special_ids(self) -> list[int]:

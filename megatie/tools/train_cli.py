@@ -258,7 +258,6 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
     given = given_flags(argv)
     # Everything checkable is checked before the run directory is made: a refused run leaves nothing.
     check_inputs(resolved)
-    check_not_a_run_to_overwrite(resolved)
     check_something_left(resolved, given)
     if resolved.uses_deepspeed:
         check_precision(resolved)
@@ -267,7 +266,7 @@ def train_main(argv=None, model: str = "gpt2") -> dict:
     # that a second run is refused at once.
     lock = RunLock(resolved.run.out_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
-        check_not_a_run_to_overwrite(resolved)  # again under the lock: a run may have finished meanwhile
+        check_not_a_run_to_overwrite(resolved)  # under the lock: a live run there is named by its pid first
         summary = _train(resume_config(cfg, given) if cfg.run.resume else resolved)
     except MegatieError:
         if lock is not None:
