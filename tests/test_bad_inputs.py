@@ -221,6 +221,7 @@ CHEAP = [
     ("pad-vocab-huge", "--pad-vocab-to must be in", ["--pad-vocab-to", "1000000000"]),
     ("vocab-huge", "--vocab-size must be at most", ["--vocab-size", "100000000"]),
     ("eval-batches-zero", "--eval-batches must be at least 1", ["--eval-batches", "0"]),
+    ("threads-zero", "--threads must be in [1, 4096]", ["--threads", "0"]),
     ("warmup-negative", "--warmup-steps must be at least 0", ["--warmup-steps=-5"]),
     ("grad-clip-nan", "--grad-clip must be a finite number", ["--grad-clip", "nan"]),
     ("grad-clip-negative", "--grad-clip must be at least 0", ["--grad-clip=-1"]),
