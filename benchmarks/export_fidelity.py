@@ -5,10 +5,9 @@ transformers, on one raw document.
         --out benchmarks/results/export_fidelity.json
 
 The run is exported (``hf``) into a temporary directory. megatie's side: ``megatie eval`` and ``megatie
-generate`` on the run directory. Plain side, in a process where megatie cannot be imported:
-``AutoTokenizer`` on the document as it is, ``AutoModelForCausalLM`` over windows of the model's context
-(every token but each window's first predicted, as ``megatie eval`` counts), and the text-generation
-pipeline, greedy. Prints a table and writes JSON; leaves nothing behind but the JSON.
+generate`` on the run directory. Plain side: ``benchmarks/plain_transformers.py`` on the export, in a
+process where megatie cannot be imported. Prints a table and writes JSON; leaves nothing behind but the
+JSON.
 """
 
 from __future__ import annotations
@@ -19,29 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-
-PLAIN = r"""
-import json, math, sys, torch
-sys.modules["megatie"] = None
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-export, document, prompt, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-tokenizer = AutoTokenizer.from_pretrained(export)
-model = AutoModelForCausalLM.from_pretrained(export).eval()
-ids = tokenizer(open(document, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
-config = model.config
-window = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
-total, count = 0.0, 0
-with torch.no_grad():
-    for start in range(0, len(ids), window):
-        w = torch.tensor([ids[start:start + window]])
-        if w.shape[1] > 1:
-            total += float(model(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
-            count += w.shape[1] - 1
-generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-text = generator(prompt, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)[0]["generated_text"]
-print(json.dumps({"ppl": math.exp(total / count), "tokens": len(ids), "generated": text,
-                  "model_max_length": tokenizer.model_max_length}))
-"""
 
 
 def megatie_side(run: str, document: str, prompt: str, new_tokens: int) -> dict:
@@ -55,7 +31,8 @@ def megatie_side(run: str, document: str, prompt: str, new_tokens: int) -> dict:
 
 
 def plain_side(export: str, document: str, prompt: str, new_tokens: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", PLAIN, export, document, prompt, str(new_tokens)],
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plain_transformers.py")
+    r = subprocess.run([sys.executable, script, export, document, "--prompt", prompt, "--new-tokens", str(new_tokens)],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise SystemExit(f"error: plain transformers failed on the export: {r.stderr.strip().splitlines()[-1]}")
@@ -80,6 +57,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         export = export_run(args.run, os.path.join(tmp, "hf"))
         theirs = plain_side(export, args.file, args.prompt, args.new_tokens)
+    theirs.pop("ids")
     result = {"run": args.run, "file": args.file, "prompt": args.prompt, "megatie": ours, "transformers": theirs,
               "ppl_ratio": theirs["ppl"] / ours["ppl"], "same_generation": theirs["generated"] == ours["generated"]}
     print(f"| tokenization `{ours['tokenization']}` | tokens | PPL | greedy continuation of {args.prompt!r} |")

@@ -1,18 +1,16 @@
 """A run's tokenizer as a standard Hugging Face fast tokenizer.
 
-megatie trains a unigram SentencePiece model with byte fallback. transformers' converter builds the
-matching ``tokenizers`` pipeline (SentencePiece's precompiled normaliser, the "▁" word-boundary
-marker) but drops byte fallback, so characters the vocabulary lacks would become ``<unk>`` instead of
-their UTF-8 bytes; the unigram model is therefore rebuilt with ``byte_fallback=True`` and a decoder
-that turns byte pieces back into text. Ids then equal SentencePiece's except where two segmentations
-score exactly the same and the two libraries' float arithmetic breaks the tie differently (seen only
-in long runs of one punctuation character); ``tokenizer.model`` is kept next to ``tokenizer.json``
-for anyone who needs SentencePiece's exact ids, and megatie's own evaluation uses it.
+megatie trains a unigram SentencePiece model with byte fallback. The ``tokenizers`` pipeline is built
+from the model's own normaliser settings (its precompiled character map, whitespace stripped and
+collapsed, the "▁" word-boundary marker with or without a dummy prefix) around a unigram model with
+byte fallback and a decoder that turns byte pieces back into text. Ids then equal SentencePiece's except
+where two segmentations score exactly the same and the two libraries' float arithmetic breaks the tie
+differently (seen only in long runs of one punctuation character); ``tokenizer.model`` is kept next to
+``tokenizer.json`` for anyone who needs SentencePiece's exact ids, and megatie's own evaluation uses it.
 
 In the ``text`` tokenization (``megatie.data.tokenizers``) a line break is the byte piece ``<0x0A>`` and
 every line was normalised on its own. The fast tokenizer does the same: ``"\n"`` is an added token
-(split off before normalisation, so each line is normalised alone and gets its own word-boundary
-marker) that owns the byte piece's id, and decoding drops the marker's space after a line break.
+(split off before normalisation, so each line is normalised alone) that owns the byte piece's id.
 """
 
 from __future__ import annotations

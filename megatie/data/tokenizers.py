@@ -114,7 +114,8 @@ class SentencePieceTokenizer:
         # transformers tokenizer (the export's included), and the text on either side is normalised alone.
         self.special_pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                                if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        self._specials = re.compile("|".join(re.escape(p) for p in sorted(self.special_pieces, key=len, reverse=True)))
+        self._specials = (re.compile("|".join(re.escape(p) for p in sorted(self.special_pieces, key=len, reverse=True)))
+                          if self.special_pieces else None)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenization == "text":  # as the exported tokenizer: line by line
@@ -143,7 +144,7 @@ class SentencePieceTokenizer:
             lines = _stripped_lines(lines)
         # Worker processes pass num_threads=1: the parallelism is already one process per core.
         out = self.sp.encode(lines) if num_threads is None else self.sp.encode(lines, num_threads=num_threads)
-        if self.tokenization == "text" and self.special_pieces:
+        if self.tokenization == "text" and self._specials is not None:
             for k, line in enumerate(lines):
                 if self._specials.search(line):  # rare: such lines again, cut at their special pieces
                     out[k] = self._encode_around_specials(line)
