@@ -154,14 +154,14 @@ def markdown(report: dict) -> str:
             continue
         lines += ["", f"**{s['name']}** ({memory['ds_config']}, activation checkpointing "
                       f"{memory['settings']['activation_checkpointing']})", "",
-                  "| | peak alloc MB | peak reserved MB | NVML peak MB | NVML avg MB | tokens/s | MFU | regroup/step | transient/state |",
+                  "| | peak alloc MB | peak reserved MB | NVML peak MB | NVML avg MB | tokens/s | MFU | regroup/step | transient / rank's state |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name in ("conventional", "megatie"):
             r = memory[name]
             cells = [r.get(k) for k in ("peak_memory_bytes", "peak_reserved_bytes", "peak_sampled_bytes", "avg_memory_bytes")]
             lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c / mb:,.0f}" for c in cells)
                          + f" | {r['tokens_per_second']:,.0f} | {_fmt(r['mfu'])} | {_fmt(r['regroup_over_step'])} | "
-                           f"{_fmt(r['max_transient_over_state'])} |")
+                           f"{_fmt(r['max_transient_over_rank_state'])} |")
         ratio = memory["ratio_conventional_over_megatie"]
         lines.append("| conventional / megatie | " + " | ".join(
             f"{ratio[k]:.2f}x" if k in ratio else "-" for k in ("peak_memory_bytes", "peak_reserved_bytes",

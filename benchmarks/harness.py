@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import types
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,52 +50,21 @@ def scratch_dir(prefix: str = "megatie-bench-"):
         signal.signal(signal.SIGTERM, previous)
 
 
-def live_tensor_bytes(*roots) -> int:
-    """Bytes of every distinct tensor storage reachable from ``roots``. Follows containers and
-    instance attributes, not modules, classes or functions (library globals are not counted);
-    gradients are followed explicitly."""
-    import torch
-
-    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-            types.FrameType, types.CodeType, str, bytes, int, float)
-    seen_obj, seen_storage, total, stack = set(), set(), 0, list(roots)
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen_obj or isinstance(obj, skip):
-            continue
-        seen_obj.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if obj.grad is not None:
-                stack.append(obj.grad)
-            if obj.is_meta:
-                continue
-            storage = obj.untyped_storage()
-            key = (storage.device.type, storage.data_ptr())
-            if storage.data_ptr() and key not in seen_storage:
-                seen_storage.add(key)
-                total += storage.nbytes()
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__"):
-            stack.append(vars(obj))
-    return total
-
-
 class TensorProbe:
     """Engine observer: tensor bytes after every backward (gradients alive, activations freed) and at
-    every regroup's peak (the new optimizer built while the carried state is still held)."""
+    every regroup's measured peak (the bytes reachable from the engine when it began plus the most they
+    rose during it, ``megatie.metrics.live_bytes``)."""
 
     def __init__(self):
         self.samples: list[int] = []
 
     def after_backward(self, engine) -> None:
-        self.samples.append(live_tensor_bytes(engine))
+        from megatie.metrics.live_bytes import reachable_storage_bytes
 
-    def at_regroup_peak(self, engine, carried) -> None:
-        self.samples.append(live_tensor_bytes(engine, carried))
+        self.samples.append(reachable_storage_bytes(engine))
+
+    def at_regroup_peak(self, engine, peak_bytes: int) -> None:
+        self.samples.append(peak_bytes)
 
 
 def train_argv(variant: str, settings: dict, out_dir: str, seed: int, ds_config: str | None) -> list[str]:
@@ -141,8 +109,10 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
                                        "model_flops_per_token", "mfu")},
             "peak_tensor_bytes": max((max(s, default=0) for s in samples), default=0),
             "avg_tensor_bytes": int(sum(sum(s) for s in samples) / max(sum(len(s) for s in samples), 1)),
-            "max_transient_over_state": max((d["regroup_transient_bytes"] / d["optimizer_state_bytes"]
-                                             for d in regroups), default=None),
+            # Measured transient of the worst regroup over one rank's share of the optimizer state after it.
+            "max_transient_over_rank_state": max((d["regroup_transient_bytes"] * sync.world_size
+                                                  / d["optimizer_state_bytes"] for d in regroups), default=None),
+            "regroup_transient_source": regroups[0]["regroup_transient_source"] if regroups else None,
             "activation_checkpointing": trainer.cfg.engine.activation_checkpointing,
             "world_size": sync.world_size, "device": str(sync.device),
             "device_name": torch.cuda.get_device_name(sync.device) if sync.device.type == "cuda" else "cpu",

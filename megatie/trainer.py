@@ -311,6 +311,8 @@ class Trainer:
                     if "regroup_seconds" in decision:
                         self.stats["regroup_time"] += decision["regroup_seconds"]
                         self.stats["regroups"] += 1
+                        self.stats["regroup_transient_max"] = max(self.stats.get("regroup_transient_max", 0),
+                                                                  decision["regroup_transient_bytes"])
                     self.logger.log(decision, self.step, prefix="tying/")
                 if logs:
                     self.logger.log({"event": "train", "step": self.step, "loss": loss, "lr": self.engine.lr,

@@ -75,12 +75,12 @@ def test_regroup_and_resume_install_the_step_where_the_masters_are(tmp_path):
     """The DeepSpeed regroup (``zero_state``) and the checkpoint loader (``zero_checkpoint``) give a
     fused optimizer's masters their step on the masters' device: meta here, standing for CUDA."""
     from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
-    from megatie.engines.zero_state import EVERY_RANK, Carried, _new_state, flat_views
+    from megatie.engines.zero_state import _new_state, flat_views
 
     master = torch.nn.Parameter(torch.zeros(6, device="meta"))
     fused = torch.optim.AdamW([master], lr=1e-3, fused=True)
     key = id(master)
-    _new_state(fused, flat_views(fused, 0), Carried({key: 3}, {key: 5}, {key: [(EVERY_RANK, 0, 6)]}))
+    _new_state(fused, flat_views(fused, 0), {key: 3}, {key: 5})
     assert fused.state[master]["step"].device.type == "meta" and fused.state[master]["step"].dtype == torch.float32
     host = torch.nn.Parameter(torch.randn(6))
     plain = build_adamw([{"params": [host], "weight_decay": 0.0}], lr=1e-3)

@@ -13,9 +13,9 @@ from megatie.trainer import Trainer
 
 SUMMARY_KEYS = ["final_val_ppl", "best_val_ppl", "mean_trainable_params", "final_trainable_params",
                 "mean_independent_layers", "final_independent_layers", "final_state", "tokens_per_second",
-                "peak_memory_bytes", "avg_memory_bytes", "steps", "regroup_over_step", "rank_param_checksums",
-                "optimizer_state_bytes"]
-REGROUP_KEYS = ["regroup_seconds", "regroup_transient_bytes", "optimizer_state_bytes"]
+                "peak_memory_bytes", "avg_memory_bytes", "steps", "regroup_over_step", "regroup_transient_bytes_max",
+                "rank_param_checksums", "optimizer_state_bytes"]
+REGROUP_KEYS = ["regroup_seconds", "regroup_transient_bytes", "regroup_transient_source", "optimizer_state_bytes"]
 
 
 def small_config(out_dir, cache_dir, **overrides):
@@ -48,6 +48,9 @@ def test_run_directory_contract(tmp_path, cache_dir):
     regrouped = [d for d in decisions if d["structure_changed"]]
     assert regrouped and all(all(k in d for k in REGROUP_KEYS) for d in regrouped)
     assert on_disk["regroups"] == len(regrouped) and on_disk["regroup_over_step"] > 0
+    # Measured on CPU by tensor storages: an untie allocates its copies and their Adam state.
+    assert on_disk["regroup_transient_source"] == "tensors"
+    assert on_disk["regroup_transient_bytes_max"] == max(d["regroup_transient_bytes"] for d in regrouped) > 0
     assert len(on_disk["rank_param_checksums"]) == 1
     assert on_disk["model_flops_per_token"] > 0 and on_disk["mfu"] is None  # no MFU on a CPU
     config = json.loads((out / "config.json").read_text())

@@ -8,7 +8,7 @@ Two peers with one interface - ``train_step(micro_batches) -> loss`` (a 0-dim te
 
 ``build_engine`` picks one from the run's config; the trainer, the tests and the benchmarks all build
 engines through it. An optional *observer* sees ``after_backward(engine)`` and, during a regroup,
-``at_regroup_peak(engine, carried)`` (the memory benchmark's probe). No engine imports the trainer.
+after each regroup ``at_regroup_peak(engine, peak_bytes)`` (its measured peak; the memory benchmark's probe). No engine imports the trainer.
 """
 
 from __future__ import annotations

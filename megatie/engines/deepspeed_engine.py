@@ -5,16 +5,26 @@ and gradient hooks are made once, and later changes to ``requires_grad`` or to p
 are silently ignored or leak. So at every decision that changes the tie groups - at a
 gradient-accumulation boundary, identically on every rank - ``regroup``:
 
-1. sends each rank's own slices of the state that lives on to an even split of the new groups
-   (``zero_state.carry_out``: about 1/W of the carried state per rank, never the whole);
-2. releases the ZeRO optimizer, its hooks and every tensor it owns *now*, by dropping its
-   references (its reference cycles would otherwise wait for a full garbage collection);
+1. describes, on each rank, the slices of the state that lives on it holds
+   (``zero_state.describe_sources``: they stay alive, nothing is copied);
+2. releases the ZeRO optimizer, its hooks and every other tensor it owns *now*, by dropping its
+   references (its reference cycles would otherwise wait for a full garbage collection), and each
+   parameter whose master lives on gives up its weight storage (``zero_weights``): the old flat
+   weight buffers die before any new one exists;
 3. builds a new torch AdamW and ZeRO optimizer over the new unique trainable tensors **on the same
    DeepSpeed engine**: the module stays where it is, nothing is broadcast, communication groups,
-   module hooks, step counters and the checkpoint engine are kept, and DeepSpeed's per-group cache
-   flushes are suppressed for the rebuild;
-4. sends the carried slices point to point to their new owners (``zero_state.carry_in``);
+   module hooks, step counters and the checkpoint engine are kept, DeepSpeed's per-group cache
+   flushes are suppressed for the rebuild, and where it flattens is decided by the allocator's own
+   free memory (``zero_weights.flatten_where_room``);
+4. sends the held slices point to point straight into their new owners' masters and moments
+   (``zero_state.carry``), frees the old ones, and casts the masters back into the weights
+   (``zero_weights.restore_weights``);
 5. restores the LR schedule and the fp16 loss scaler.
+
+What a regroup costs in memory is measured, not computed (``megatie.metrics.live_bytes``): on each
+rank the peak of live bytes during it minus the live bytes before it, DeepSpeed's own buffers
+included - about one share of the *new* optimizer state (its masters and moments are allocated
+while the old ones are still read).
 
 Adam's bias correction uses a step count per *param group* of a flat ZeRO buffer, while tensors
 born at different times have different counts (a block that starts training at the first decision
@@ -47,14 +57,24 @@ from megatie.engines.ds_config import engine_config, offloads_optimizer, zero_st
 from megatie.engines.optim import build_adamw, decay_group, lr_factor, lr_scheduler
 from megatie.engines.zero_checkpoint import load_zero_slice, save_zero_slice
 from megatie.engines.zero_state import (
-    carry_in,
-    carry_out,
+    carry,
     describe_sources,
     flat_views,
     held_state_bytes,
     inner_optimizer,
+    stash_sources,
+)
+from megatie.engines.zero_weights import (
+    flatten_where_room,
+    lean_rebuild,
+    materialize_left,
+    release_weights,
+    restore_stashed,
+    restore_weights,
+    torch_flatten_again,
 )
 from megatie.errors import CheckpointError, ConfigError
+from megatie.metrics.live_bytes import TransientMeter
 from megatie.models.objectives import model_inputs_on
 from megatie.runtime.atomic import replace_dir
 from megatie.runtime.distributed import RankSync
@@ -151,11 +171,14 @@ class DeepSpeedEngine:
 
     def _rebuild_optimizer(self, groups) -> None:
         """A new AdamW + ZeRO optimizer over ``groups`` on the existing DeepSpeed engine."""
+        from deepspeed.accelerator import get_accelerator
+
         e = self.engine
         optimizer, scheduler = self._optimizer_for(groups)
         e.param_names = {p: n for n, p in self.model.named_parameters()}  # new tensors need their names
-        with rebuild_quietly():
+        with rebuild_quietly(), flatten_where_room(get_accelerator()), lean_rebuild():
             e._configure_optimizer(optimizer, [p for _, params in groups for p in params])
+        torch_flatten_again(e.optimizer)
         e.client_optimizer, e.client_lr_scheduler = optimizer, scheduler
         e._configure_lr_scheduler()
         if getattr(e, "_support_torch_style_backward", False):
@@ -198,12 +221,32 @@ class DeepSpeedEngine:
         return total
 
     def regroup(self, plan) -> dict:
-        """Follow ``plan`` (a ``RegroupPlan``); returns what the run records about it ({} if nothing changed)."""
+        """Follow ``plan`` (a ``RegroupPlan``); returns what the run records about it ({} if nothing changed).
+        ``regroup_transient_bytes`` is measured (``megatie.metrics.live_bytes``): the most any rank's live
+        bytes rose above their level before the regroup, DeepSpeed's own buffers included;
+        ``regroup_staging_bytes``: the most any rank staged on the communication device (off-device
+        state only)."""
         if not plan.changes_parameters:
             return {}
         if self.engine.micro_steps % self.cfg.optim.grad_accum:
             raise RuntimeError("regroup must happen at a gradient-accumulation boundary")
         t0 = time.perf_counter()
+        with TransientMeter(self.device, self.model, self.engine, plan) as meter:
+            staged = self._regroup(plan)
+        del plan
+        seconds = time.perf_counter() - t0
+        if self.observer is not None:
+            self.observer.at_regroup_peak(self, meter.start_bytes + meter.peak_bytes)
+        self.regroups += 1
+        per_rank = self.sync.gather((seconds, meter.peak_bytes, staged, self.optimizer_state_bytes(local=True)))
+        return {"regroup_seconds": max(r[0] for r in per_rank),
+                "regroup_transient_bytes": max(r[1] for r in per_rank),
+                "regroup_transient_source": meter.source,
+                "regroup_staging_bytes": max(r[2] for r in per_rank),
+                "optimizer_state_bytes": sum(r[3] for r in per_rank)}
+
+    def _regroup(self, plan) -> int:
+        """The regroup itself (module docstring); returns the most staging bytes a transfer wave used."""
         created = {id(p): src for p, src in plan.created}
         wanted, source_of = {}, {}
         for p in unique_parameters(self.model, trainable_only=True):
@@ -214,27 +257,28 @@ class DeepSpeedEngine:
         sources = describe_sources(self.optimizer, list(wanted.values()), self.rank, self.world_size)
         source_of = {pid: sid for pid, sid in source_of.items() if sid in sources}
         groups = self._groups({pid: sources[sid].step for pid, sid in source_of.items()})
-        carried = carry_out(self.optimizer, sources, [params for _, params in groups], source_of,
-                            self.rank, self.world_size, self.comm_device)
-        del sources, wanted, created
+        stashed = {}
+        if self.stage > 0 and self.world_size > 1:  # one rank's share would be the whole tensor: no gain
+            stashed = stash_sources([p for _, group in groups for p in group if id(p) not in source_of],
+                                    self.rank, self.world_size)
+        del wanted, created
         schedule = self._schedule_state()
-        self._release_optimizer()
+        self._release_optimizer()  # the sources keep its masters and moments alive, nothing else of it
         for p in plan.removed:  # nothing computes with it any more: free its storage now
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        del plan
+        params = [p for _, group in groups for p in group]
+        released = release_weights(params, source_of)  # the old weight buffers die here (zero_weights)
+        released_stashed = release_weights(params, stashed)
         self._rebuild_optimizer(groups)
-        if self.observer is not None:
-            self.observer.at_regroup_peak(self, carried)
-        staged = carry_in(self.optimizer, carried, self.rank, self.world_size, self.comm_device)
-        transient = carried.nbytes + max(carried.staging_bytes, staged)
-        del carried
+        materialize_left(params, {**released, **released_stashed})
+        staged = restore_stashed(self.optimizer, stashed, self.rank, self.world_size, self.comm_device)
+        del stashed  # before the new moments exist
+        staged = max(staged, carry(self.optimizer, sources, source_of, self.rank, self.world_size, self.comm_device))
+        del sources  # the old masters and moments go
+        staged = max(staged, restore_weights(self.optimizer, released, self.rank, self.world_size,
+                                             self.comm_device))
         self._restore_schedule(schedule)
-        self.regroups += 1
-        seconds = time.perf_counter() - t0
-        per_rank = self.sync.gather((seconds, transient, self.optimizer_state_bytes(local=True)))
-        return {"regroup_seconds": max(r[0] for r in per_rank),
-                "regroup_transient_bytes": max(r[1] for r in per_rank),
-                "optimizer_state_bytes": sum(r[2] for r in per_rank)}
+        return staged
 
     def optimizer_state_bytes(self, local: bool = False) -> int:
         """fp32 masters plus Adam moments, of this rank (``local``) or of all ranks (a collective)."""

@@ -18,6 +18,7 @@ from megatie.engines.optim import (
     state_bytes,
 )
 from megatie.errors import CheckpointError
+from megatie.metrics.live_bytes import TransientMeter
 from megatie.models.objectives import model_inputs_on
 from megatie.tying.layers import unique_parameters
 
@@ -50,14 +51,15 @@ class TorchEngine:
 
     def regroup(self, plan) -> dict:
         """Survivors keep their state, untied tensors take a copy of their source's; the copies become
-        the new state, so nothing is held beyond it (``regroup_transient_bytes`` 0)."""
+        the new state. ``regroup_transient_bytes`` is measured as the DeepSpeed engine's is."""
         if not plan.changes_parameters:
             return {}
         t0 = time.perf_counter()
-        regroup_optimizer(self.optimizer, self.model, plan)
+        with TransientMeter(self.device, self.model, self.optimizer, plan) as meter:
+            regroup_optimizer(self.optimizer, self.model, plan)
         self.regroups += 1
-        return {"regroup_seconds": time.perf_counter() - t0, "regroup_transient_bytes": 0,
-                "optimizer_state_bytes": self.optimizer_state_bytes()}
+        return {"regroup_seconds": time.perf_counter() - t0, "regroup_transient_bytes": meter.peak_bytes,
+                "regroup_transient_source": meter.source, "optimizer_state_bytes": self.optimizer_state_bytes()}
 
     def optimizer_state_bytes(self) -> int:
         """fp32 masters (here the trainable parameters themselves) plus Adam moments."""

@@ -15,27 +15,27 @@ one per param group, and the inner torch optimizer keeps its state (``exp_avg``,
 
 ``FlatView`` describes one such flat tensor uniformly. A regroup replaces the optimizer with one
 over the new set of trainable tensors; the state of every tensor that lives on (a survivor, or the
-source of an untied block) moves in two hops around that rebuild, each rank touching only slices:
+source of an untied block) moves in one hop:
 
-1. ``carry_out`` (old optimizer alive): every rank sends the ranges it owns, straight out of the
-   old masters and moments, to an *even split* of the new param groups (each group's tensors laid
-   end to end, cut into W equal ranges: a ZeRO partition without its padding). Each rank then holds
-   about 1/W of the carried state whichever rank owned it before - a decision that keeps only the
-   first blocks does not pile the carried state onto rank 0.
-2. ``carry_in`` (new optimizer built): every rank sends its share to the new owners, received in
-   place into the new masters and moments. As the even split mirrors ZeRO's own partitioning, most
-   of this hop is a local copy.
+1. ``describe_sources`` (old optimizer alive): which rank holds which element range of each source,
+   and this rank's old master and moment tensors, which stay alive with the description when the
+   old optimizer is released;
+2. the new optimizer is built;
+3. ``carry``: every rank sends the ranges it holds straight into the new owners' masters and moments,
+   point to point in waves of bounded size; a range that stays on its rank is a local copy.
 
 Which rank holds and needs which element range is derived from the layouts, identically on every
-rank; only the data moves, point to point, in waves of bounded size. A rank's extra memory during a
-regroup is its share of the split (``Carried.nbytes``, about 1/W of the carried state) plus a
-bounded staging buffer only when the state lives off the communication device (CPU offload over
-NCCL). Every function here must run on every rank in the same order.
+rank; only the data moves. A rank's extra memory during a regroup is its share of the *new* state
+(the old one is freed after the hop), plus a bounded staging buffer only when the state lives off
+the communication device (CPU offload over NCCL). An intermediate copy of the carried state (carried
+out to an even split before the rebuild, in by a second hop after it) measured 1.0x the old state
+more: the new state and that copy were alive together. At stage 0 nothing is partitioned: every rank
+holds, and carries, the whole state. Every function here must run on every rank in the same order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
@@ -127,18 +127,21 @@ def held_state_bytes(ds_optimizer, rank: int) -> int:
 
 @dataclass
 class Source:
-    """A parameter whose state lives on: identical on every rank, except where *this* rank reads it."""
+    """A parameter whose state lives on: identical on every rank, except what *this* rank holds of it."""
 
     numel: int
     step: int
     has_moments: bool
     holders: list[tuple[int, int, int]]  # (old rank or EVERY_RANK, lo, hi)
-    view: FlatView                       # this rank's old flat tensor holding (part of) it
-    offset: int                          # its start in that flat tensor
+    tensors: list[torch.Tensor]          # this rank's old master and moments, flat (they stay alive with it)
+    at: int                              # the parameter's start in them
 
     @property
     def kinds(self) -> int:
         return 1 + len(MOMENTS) if self.has_moments else 1
+
+    def slices(self, lo: int, hi: int) -> list[torch.Tensor]:
+        return [t[self.at + lo:self.at + hi] for t in self.tensors]
 
 
 def describe_sources(ds_optimizer, wanted: list, rank: int, world: int) -> dict[int, Source]:
@@ -147,50 +150,28 @@ def describe_sources(ds_optimizer, wanted: list, rank: int, world: int) -> dict[
     for view in flat_views(ds_optimizer, rank):
         state = inner.state.get(view.master, {})
         has_moments = all(isinstance(state.get(k), torch.Tensor) for k in MOMENTS)
+        tensors = [view.master.detach().view(-1)] + ([state[k].view(-1) for k in MOMENTS] if has_moments else [])
         for p, offset in zip(view.params, view.offsets):
             if id(p) in ids:
                 out[id(p)] = Source(p.numel(), _step_of(state) if has_moments else 0, has_moments,
-                                    view.ranges(offset, p.numel(), world), view, offset)
+                                    view.ranges(offset, p.numel(), world), tensors, offset - view.start)
     return out
 
 
-def _old_slices(inner, source: Source, lo: int, hi: int) -> list[torch.Tensor]:
-    view, at = source.view, source.offset + lo - source.view.start
-    state = inner.state.get(view.master, {})
-    tensors = [view.master.detach().view(-1)] + ([state[k].view(-1) for k in MOMENTS] if source.has_moments else [])
-    return [t[at:at + hi - lo] for t in tensors]
-
-
-@dataclass
-class Carried:
-    """Carried state between the two halves, keyed by the *new* parameter that takes it."""
-
-    kinds: dict[int, int] = field(default_factory=dict)                 # id(new) -> 3 (master+moments) or 1
-    steps: dict[int, int] = field(default_factory=dict)                 # id(new) -> Adam step (0: no moments)
-    holders: dict[int, list] = field(default_factory=dict)              # id(new) -> (rank, lo, hi) it is held at
-    pieces: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)  # id(new) -> (lo, [kinds, n]) here
-    staging_bytes: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.pieces.values())
-
-
-def even_split(groups: list[list], world: int, partitioned: bool) -> dict[int, list[tuple[int, int, int]]]:
-    """Each group's parameters laid end to end and cut into ``world`` equal ranges - the shape of a
-    ZeRO partition without its padding, so most of the second hop stays on its rank."""
+def stash_sources(params, rank: int, world: int) -> dict[int, Source]:
+    """``{id(param): Source}`` for tensors with no state to carry (a block leaving the frozen phase, a new
+    delta) under a partitioned optimizer: their values kept as a master would keep them - in fp32, each
+    rank an even share of each - so that their storage can be released before the rebuild like the
+    others' (the weights are not partitioned: held whole beside the new flat buffer they were W shares),
+    and their masters and weights rebuilt from the shares."""
     out = {}
-    for params in groups:
-        total = sum(p.numel() for p in params)
-        size, pos = -(-total // world), 0
-        for p in params:
-            n = p.numel()
-            if not partitioned:
-                out[id(p)] = [(EVERY_RANK, 0, n)]
-            else:
-                out[id(p)] = [(r, max(pos, r * size) - pos, min(pos + n, (r + 1) * size) - pos)
-                              for r in range(world) if max(pos, r * size) < min(pos + n, (r + 1) * size)]
-            pos += n
+    for p in params:
+        n = p.numel()
+        size = -(-n // world)
+        holders = [(r, r * size, min(n, (r + 1) * size)) for r in range(world) if r * size < n]
+        lo, hi = min(n, rank * size), min(n, (rank + 1) * size)
+        piece = p.detach().reshape(-1)[lo:hi].to(torch.float32, copy=True)
+        out[id(p)] = Source(n, 0, False, holders, [piece], -lo)
     return out
 
 
@@ -247,84 +228,54 @@ def _exchange(wave: list, comm_device: torch.device) -> int:
     return staged
 
 
-def carry_out(ds_optimizer, sources: dict[int, Source], new_groups: list[list], source_of: dict[int, int],
-              rank: int, world: int, comm_device: torch.device) -> Carried:
-    """First half, old optimizer alive: every carried range goes from its old holder straight out of
-    the old tensors to an even split of the *new* groups. ``source_of`` maps ``id(new param)`` to
-    the id of the source whose state it takes (several new tensors may take one source's)."""
-    inner, out = inner_optimizer(ds_optimizer), Carried()
-    partitioned = any(r != EVERY_RANK for s in sources.values() for r, _, _ in s.holders)
-    split = even_split(new_groups, world, partitioned)
-    plan = []
-    for params in new_groups:
-        for q in params:
-            source = sources.get(source_of.get(id(q)))
-            if source is None:
-                continue
-            key = id(q)
-            out.kinds[key], out.steps[key], out.holders[key] = source.kinds, source.step, split[key]
-            for dst, lo, hi in split[key]:
-                if dst in (rank, EVERY_RANK):
-                    master = source.view.master
-                    out.pieces[key] = (lo, torch.empty(source.kinds, hi - lo, dtype=master.dtype, device=master.device))
-            plan += [(src, dst, key, lo, hi, source.kinds)
-                     for src, dst, lo, hi in _transfers(split[key], source.holders)]
-
-    def read(key, lo, hi):
-        return _old_slices(inner, sources[source_of[key]], lo, hi)
-
-    def write(key, lo, hi):
-        start, data = out.pieces[key]
-        return list(data[:, lo - start:hi - start])
-
-    out.staging_bytes = _run_plan(plan, read, write, rank, comm_device)
-    return out
-
-
-def _new_state(inner, views: list[FlatView], carried: Carried) -> list[list[torch.Tensor]]:
-    """For each new view: its master and, where its parameters carry moments, fresh moment tensors
-    installed as the optimizer's state (with the carried step)."""
+def _new_state(inner, views: list[FlatView], kinds: dict[int, int], steps: dict[int, int]) -> list[list[torch.Tensor]]:
+    """For each new view: its master and, where its parameters carry moments (``kinds`` 3, by ``id``),
+    fresh moment tensors installed as the optimizer's state (with the carried ``steps``)."""
     targets = []
     for view in views:
-        keys = [id(q) for q in view.params if id(q) in carried.kinds]
-        with_moments = [k for k in keys if carried.kinds[k] > 1]
+        keys = [id(q) for q in view.params if id(q) in kinds]
+        with_moments = [k for k in keys if kinds[k] > 1]
         if with_moments and len(with_moments) != len(view.params):
             raise RuntimeError("a DeepSpeed param group mixes parameters with and without optimizer state")
-        if len({carried.steps[k] for k in with_moments}) > 1:
+        if len({steps[k] for k in with_moments}) > 1:
             raise RuntimeError("a DeepSpeed param group mixes parameters with different Adam step counts")
         tensors = [view.master.detach().view(-1)]
         if with_moments:
             moments = [torch.zeros_like(view.master) for _ in MOMENTS]
-            step = adam_step_tensor(carried.steps[with_moments[0]], view.master, inner)
-            inner.state[view.master] = {"step": step,
-                                        MOMENTS[0]: moments[0], MOMENTS[1]: moments[1]}
+            step = adam_step_tensor(steps[with_moments[0]], view.master, inner)
+            inner.state[view.master] = {"step": step, MOMENTS[0]: moments[0], MOMENTS[1]: moments[1]}
             tensors += [m.view(-1) for m in moments]
         targets.append(tensors)
     return targets
 
 
-def carry_in(ds_optimizer, carried: Carried, rank: int, world: int, comm_device: torch.device) -> int:
-    """Second half, new optimizer built: each new owner receives its ranges straight into its masters
-    and moments. Parameters without carried state keep what DeepSpeed built (master from their
-    weights, no moments, step 0). Returns the most staging bytes used."""
+def carry(ds_optimizer, sources: dict[int, Source], source_of: dict[int, int], rank: int, world: int,
+          comm_device: torch.device) -> int:
+    """The new optimizer built, the old state still held by ``sources``: every range of every new
+    tensor that takes a source's state (``source_of``: ``id(new param)`` -> ``id(source)``; several
+    may take one source's) goes from the rank holding it in the old optimizer straight into the rank
+    owning it in the new one - masters and moments. Parameters without a source keep what DeepSpeed
+    built (master from their weights, no moments, step 0). Returns the most staging bytes one wave used."""
     views = flat_views(ds_optimizer, rank)
-    targets = _new_state(inner_optimizer(ds_optimizer), views, carried)
+    taking = [q for v in views for q in v.params if id(q) in source_of]
+    kinds = {id(q): sources[source_of[id(q)]].kinds for q in taking}
+    steps = {id(q): sources[source_of[id(q)]].step for q in taking}
+    targets = _new_state(inner_optimizer(ds_optimizer), views, kinds, steps)
     where, plan = {}, []
     for vi, view in enumerate(views):
         for q, offset in zip(view.params, view.offsets):
             key = id(q)
-            if key in carried.kinds:
+            if key in kinds:
                 where[key] = (vi, offset - view.start)
                 needs = view.ranges(offset, q.numel(), world)
-                plan += [(src, dst, key, lo, hi, carried.kinds[key])
-                         for src, dst, lo, hi in _transfers(needs, carried.holders[key])]
+                plan += [(src, dst, key, lo, hi, kinds[key])
+                         for src, dst, lo, hi in _transfers(needs, sources[source_of[key]].holders)]
 
     def read(key, lo, hi):
-        start, data = carried.pieces[key]
-        return list(data[:, lo - start:hi - start])
+        return sources[source_of[key]].slices(lo, hi)
 
     def write(key, lo, hi):
         vi, at = where[key]
-        return [t[at + lo:at + hi] for t in targets[vi][:carried.kinds[key]]]
+        return [t[at + lo:at + hi] for t in targets[vi][:kinds[key]]]
 
     return _run_plan(plan, read, write, rank, comm_device)

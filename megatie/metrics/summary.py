@@ -52,6 +52,10 @@ def run_summary(trainer, memory: dict, final_val: dict) -> dict:
                                  if trainer.stats["regroups"] else None),
         "step_seconds_mean": trainer.stats["step_time"] / steps,
         "regroup_over_step": _regroup_over_step(trainer),
+        # Measured (megatie.metrics.live_bytes): the most one rank's live bytes rose during a regroup.
+        "regroup_transient_bytes_max": trainer.stats.get("regroup_transient_max") if trainer.stats["regroups"] else None,
+        "regroup_transient_source": (("allocator" if trainer.device.type == "cuda" else "tensors")
+                                     if trainer.stats["regroups"] else None),
         "rank_param_checksums": trainer.sync.gather(param_checksum(unique_parameters(trainer.model))),
         "steps": trainer.step,
         "engine": "deepspeed" if trainer.cfg.uses_deepspeed else "torch",

@@ -39,9 +39,8 @@ def _merge_regroups(first: dict, second: dict) -> dict:
     """One decision that regrouped twice (ablation v: copy, then untie again) records both."""
     if not first or not second:
         return first or second
-    return {"regroup_seconds": first["regroup_seconds"] + second["regroup_seconds"],
-            "regroup_transient_bytes": max(first["regroup_transient_bytes"], second["regroup_transient_bytes"]),
-            "optimizer_state_bytes": second["optimizer_state_bytes"]}
+    return {**second, "regroup_seconds": first["regroup_seconds"] + second["regroup_seconds"],
+            "regroup_transient_bytes": max(first["regroup_transient_bytes"], second["regroup_transient_bytes"])}
 
 
 class TieController:

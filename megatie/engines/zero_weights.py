@@ -1,0 +1,211 @@
+"""The weights through a regroup: never two copies of them, and flattened where there is room.
+
+DeepSpeed's optimizers for stages 1-2 (and stage 0 with fp16/bf16) keep the model's weights in flat
+buffers, one per param group, and every parameter is a view into one. A rebuild flattens the new
+groups into new buffers; an old buffer dies only once every parameter viewing it has been re-pointed,
+which - the old and new groups being cut differently - is near the end of the rebuild. Old and new
+weights were alive together: one whole extra copy of the weights per rank, measured.
+
+Between steps every trainable weight equals its fp32 master cast to the weight's dtype (DeepSpeed
+copies the masters into the weights after each step and builds the masters from the weights), and
+the carried state holds the master of every tensor that lives on. So:
+
+1. ``release_weights``: before the rebuild, each parameter whose master is carried gives up its
+   storage for a placeholder of its shape (one element, expanded: no memory). The old flat buffers die
+   here, before any new one exists.
+2. DeepSpeed flattens the placeholders into the new buffers (zeros) and re-points the parameters.
+   torch's ``_flatten_dense_tensors`` makes each input contiguous first - a placeholder would become
+   a full-size temporary, one more copy of a group's weights (measured at 4 ranks, where the weights
+   outweigh a rank's share of the state) - so while DeepSpeed builds, its flatten writes each tensor
+   straight into the new buffer (``lean_rebuild``). ``materialize_left`` gives real storage
+   to any parameter a wrapper did not re-point (stage 0's unflattened optimizers).
+3. ``restore_weights``: after the carried masters are in place, each rank casts the slices of the
+   masters it owns into the weights and sends them to the other ranks; an unpartitioned master is
+   copied on every rank.
+
+Tensors without carried state (a block leaving the frozen phase, a relaxed tie's new delta) have no
+master to come back from. On one rank they keep their storage and are moved into the new buffer one
+tensor at a time (``flatten_straight``). Under ZeRO-1/2 on several ranks each rank keeps an fp32 share
+of their values (``zero_state.stash_sources``) and they are released too: held whole beside the new
+flat buffer, they would add one copy of their weights on every rank, where the state is only a share;
+``restore_stashed`` rebuilds their weights and masters from the shares, before the new moments exist.
+A frozen replica is not trainable and is not touched. ``device_room`` decides where DeepSpeed flattens (see ``flatten_where_room``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch._utils import _flatten_dense_tensors
+
+from megatie.engines.zero_state import EVERY_RANK, _run_plan, flat_views
+
+
+def _placeholder(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+
+def release_weights(params, source_of: dict) -> dict[int, int]:
+    """Placeholders for every parameter of ``params`` whose master is carried (``id(param)`` in
+    ``source_of``). Returns ``{id(param): key of its placeholder's storage}``."""
+    released = {}
+    for p in params:
+        if id(p) in source_of:
+            p.data = _placeholder(p)
+            released[id(p)] = p.untyped_storage()._cdata
+    return released
+
+
+def materialize_left(params, released: dict[int, int]) -> None:
+    """Real storage for a released parameter the rebuild did not re-point into a flat buffer."""
+    for p in params:
+        if released.get(id(p)) == p.untyped_storage()._cdata:
+            p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+
+def restore_weights(ds_optimizer, released: dict[int, int], rank: int, world: int,
+                    comm_device: torch.device) -> int:
+    """Every released weight from its master: own slices cast locally, the others received from their
+    owners. Returns the most staging bytes one wave used."""
+    local_dst, local_src, plan, flat = [], [], [], {}
+    for view in flat_views(ds_optimizer, rank):
+        master = view.master.detach().view(-1)
+        for p, offset in zip(view.params, view.offsets):
+            if id(p) not in released or view.master is p:  # stage 0 fp32: the weight is the master
+                continue
+            key = id(p)
+            flat[key] = p.data.view(-1)
+            for holder, lo, hi in view.ranges(offset, p.numel(), world):
+                if holder in (rank, EVERY_RANK):
+                    at = offset + lo - view.start
+                    local_dst.append(flat[key][lo:hi])
+                    local_src.append(master[at:at + hi - lo])
+                if holder != EVERY_RANK:
+                    plan += [(holder, dst, key, lo, hi, 1) for dst in range(world) if dst != holder]
+    with torch.no_grad():
+        for dst, src in zip(local_dst, local_src):
+            dst.copy_(src)  # the cast DeepSpeed applies after each step
+
+    def slice_of(key, lo, hi):
+        return [flat[key][lo:hi]]
+
+    return _run_plan(plan, slice_of, slice_of, rank, comm_device)
+
+
+def flatten_straight(tensors) -> torch.Tensor:
+    """``torch._utils._flatten_dense_tensors`` without a contiguous copy of each input: the same values
+    in a new 1-D buffer, each tensor (a placeholder included) written into its slice directly. A
+    parameter is moved, not copied: once written it is re-pointed to its slice (where DeepSpeed puts it
+    next), so its own storage - a tensor without carried state, such as a block leaving the frozen
+    phase - is freed before the next is written, not after the whole group."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    pos = 0
+    for t in tensors:
+        piece = flat[pos:pos + t.numel()].view(t.shape)
+        piece.copy_(t)
+        if isinstance(t, torch.nn.Parameter):
+            t.data = piece
+        pos += t.numel()
+    return flat
+
+
+@contextmanager
+def lean_rebuild():
+    """While DeepSpeed builds its optimizer: its ZeRO-1/2 and bf16 optimizers flatten with
+    ``flatten_straight`` (``torch_flatten_again`` gives the built optimizer torch's function back for
+    training's gradient buckets), and the ZeRO-1/2 constructor does not allocate an fp32 gradient
+    partition for every group only to drop it again: it does that to initialise Adagrad's state, and
+    keeps the partitions only with CPU offload (measured: a transient of the masters' size, the peak of
+    a regroup that starts blocks training)."""
+    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
+    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+
+    zero = stage_1_and_2.DeepSpeedZeroOptimizer
+    modules = (stage_1_and_2, bf16_optimizer)
+    saved = [m._flatten_dense_tensors for m in modules], zero.initialize_optimizer_states
+    real_init = zero.initialize_optimizer_states
+
+    def initialize_optimizer_states(self):
+        if self.cpu_offload or isinstance(self.optimizer, torch.optim.Adagrad):
+            return real_init(self)
+
+    for m in modules:
+        m._flatten_dense_tensors = flatten_straight
+    zero.initialize_optimizer_states = initialize_optimizer_states
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, saved[0]):
+            m._flatten_dense_tensors = original
+        zero.initialize_optimizer_states = saved[1]
+
+
+def torch_flatten_again(ds_optimizer) -> None:
+    if getattr(ds_optimizer, "flatten", None) is flatten_straight:
+        ds_optimizer.flatten = _flatten_dense_tensors
+
+
+def restore_stashed(ds_optimizer, stashed: dict, rank: int, world: int, comm_device: torch.device) -> int:
+    """Tensors without carried state, released with their values in per-rank shares
+    (``zero_state.stash_sources``): their weights from the shares (each rank writes its own, sends it
+    to the others), then their masters from those weights, each rank its own range - what DeepSpeed
+    would have built from the weights. Returns the most staging bytes one wave used."""
+    views, flat, local_dst, local_src, plan = flat_views(ds_optimizer, rank), {}, [], [], []
+    for view in views:
+        for p in view.params:
+            source = stashed.get(id(p))
+            if source is None:
+                continue
+            flat[id(p)] = p.data.view(-1)
+            for holder, lo, hi in source.holders:
+                if holder == rank:
+                    local_dst.append(flat[id(p)][lo:hi])
+                    local_src.append(source.slices(lo, hi)[0])
+                plan += [(holder, dst, id(p), lo, hi, 1) for dst in range(world) if dst != holder]
+    with torch.no_grad():
+        for dst, src in zip(local_dst, local_src):
+            dst.copy_(src)
+
+    def slice_of(key, lo, hi):
+        return [flat[key][lo:hi]]
+
+    staged = _run_plan(plan, slice_of, slice_of, rank, comm_device)
+    with torch.no_grad():
+        for view in views:
+            master = view.master.detach().view(-1)
+            for p, offset in zip(view.params, view.offsets):
+                if id(p) in flat and view.master is not p:
+                    for holder, lo, hi in view.ranges(offset, p.numel(), world):
+                        if holder in (rank, EVERY_RANK):
+                            at = offset + lo - view.start
+                            master[at:at + hi - lo].copy_(flat[id(p)][lo:hi])
+    return staged
+
+
+def device_room(accelerator, free_memory=None) -> int:
+    """Bytes a new buffer can take on the device, by the allocator's own numbers: what the device has
+    free plus what the caching allocator holds unused. DeepSpeed asks only the first (NVML's free
+    memory), which a cache holding freed buffers - a rebuild keeps its cache - makes small.
+    ``free_memory`` is the accelerator's own ``available_memory`` (when that attribute is patched)."""
+    if accelerator.device_name() == "cuda" and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]  # the driver's figure: without NVML DeepSpeed returns total - allocated
+    else:
+        free = (free_memory or accelerator.available_memory)()
+    return int(free) + max(0, int(accelerator.memory_reserved()) - int(accelerator.memory_allocated()))
+
+
+@contextmanager
+def flatten_where_room(accelerator):
+    """While DeepSpeed rebuilds: it flattens a param group on the device when ``available_memory()``
+    covers the flat buffer, else on the host (a copy through host memory per group); here that figure
+    is ``device_room``."""
+    own, patched_before = accelerator.available_memory, "available_memory" in vars(accelerator)
+    accelerator.available_memory = lambda device_index=None: device_room(accelerator, own)
+    try:
+        yield
+    finally:
+        if patched_before:
+            accelerator.available_memory = own
+        else:
+            del accelerator.available_memory
