@@ -17,7 +17,7 @@ Faults for the rank-agreement tests, injected on rank 1 only (environment variab
 - ``MEGATIE_TEST_RANK1_DRIFT_AGENT``: rank 1's agent drifts after start-up (its Q network and
   exploration generator change), as non-deterministic kernels or other hardware would make it;
 - ``MEGATIE_TEST_RANK1_OWN_DECISION``: rank 1 ignores rank 0's first proposal and applies its own;
-- ``MEGATIE_TEST_RANK1_NUDGE_WEIGHT``: rank 1 nudges one weight just before the first regroup;
+- ``MEGATIE_TEST_RANK1_NUDGE_WEIGHT``: rank 1 nudges one weight just after the first regroup;
 - ``MEGATIE_TEST_RANK1_STALL_S``: rank 1 stalls that long just before the first regroup.
 """
 
@@ -159,10 +159,13 @@ def _inject_rank1_faults(trainer) -> None:
         regroup = controller.regroup
 
         def nudged(plan):
+            # After the regroup: one before it would be undone, every weight being rebuilt from the
+            # fp32 masters each element of which one rank owns (megatie.engines.zero_weights).
+            record = regroup(plan)
             if not controller.history:
                 with torch.no_grad():
                     trainer.model.transformer.wte.weight[0, 0] += 0.5
-            return regroup(plan)
+            return record
 
         controller.regroup = nudged
 
