@@ -72,6 +72,7 @@ from megatie.engines.zero_weights import (
     restore_stashed,
     restore_weights,
     torch_flatten_again,
+    unstash_weights,
 )
 from megatie.errors import CheckpointError, ConfigError
 from megatie.metrics.live_bytes import TransientMeter
@@ -169,14 +170,15 @@ class DeepSpeedEngine:
         e.optimizer = e.basic_optimizer = e.lr_scheduler = e.client_optimizer = e.client_lr_scheduler = None
         self.optimizer = self.basic_optimizer = self.scheduler = None
 
-    def _rebuild_optimizer(self, groups) -> None:
-        """A new AdamW + ZeRO optimizer over ``groups`` on the existing DeepSpeed engine."""
+    def _rebuild_optimizer(self, groups, unstash=None) -> None:
+        """A new AdamW + ZeRO optimizer over ``groups`` on the existing DeepSpeed engine (``unstash``:
+        see ``zero_weights.lean_rebuild``)."""
         from deepspeed.accelerator import get_accelerator
 
         e = self.engine
         optimizer, scheduler = self._optimizer_for(groups)
         e.param_names = {p: n for n, p in self.model.named_parameters()}  # new tensors need their names
-        with rebuild_quietly(), flatten_where_room(get_accelerator()), lean_rebuild():
+        with rebuild_quietly(), flatten_where_room(get_accelerator()), lean_rebuild(unstash):
             e._configure_optimizer(optimizer, [p for _, params in groups for p in params])
         torch_flatten_again(e.optimizer)
         e.client_optimizer, e.client_lr_scheduler = optimizer, scheduler
@@ -269,10 +271,11 @@ class DeepSpeedEngine:
         params = [p for _, group in groups for p in group]
         released = release_weights(params, source_of)  # the old weight buffers die here (zero_weights)
         released_stashed = release_weights(params, stashed)
-        self._rebuild_optimizer(groups)
+        self._rebuild_optimizer(groups, lambda group: unstash_weights(group, stashed, self.rank, self.world_size,
+                                                                      self.comm_device))
         materialize_left(params, {**released, **released_stashed})
         staged = restore_stashed(self.optimizer, stashed, self.rank, self.world_size, self.comm_device)
-        del stashed  # before the new moments exist
+        stashed.clear()  # its shares go before the new moments exist
         staged = max(staged, carry(self.optimizer, sources, source_of, self.rank, self.world_size, self.comm_device))
         del sources  # the old masters and moments go
         staged = max(staged, restore_weights(self.optimizer, released, self.rank, self.world_size,

@@ -28,8 +28,11 @@ master to come back from. On one rank they keep their storage and are moved into
 tensor at a time (``flatten_straight``). Under ZeRO-1/2 on several ranks each rank keeps an fp32 share
 of their values (``zero_state.stash_sources``) and they are released too: held whole beside the new
 flat buffer, they would add one copy of their weights on every rank, where the state is only a share;
-``restore_stashed`` rebuilds their weights and masters from the shares, before the new moments exist.
-A frozen replica is not trainable and is not touched. ``device_room`` decides where DeepSpeed flattens (see ``flatten_where_room``).
+their weights come back from the shares as soon as their group's flat buffer exists, before
+DeepSpeed builds its masters from it (``unstash_weights``, called from ``lean_rebuild``), so the shares
+never live beside the new masters; ``restore_stashed`` covers a wrapper that flattens otherwise.
+A frozen replica is not trainable and is not touched. ``device_room`` decides where DeepSpeed
+flattens (see ``flatten_where_room``).
 """
 
 from __future__ import annotations
@@ -111,34 +114,42 @@ def flatten_straight(tensors) -> torch.Tensor:
 
 
 @contextmanager
-def lean_rebuild():
+def lean_rebuild(unstash=None):
     """While DeepSpeed builds its optimizer: its ZeRO-1/2 and bf16 optimizers flatten with
     ``flatten_straight`` (``torch_flatten_again`` gives the built optimizer torch's function back for
     training's gradient buckets), and the ZeRO-1/2 constructor does not allocate an fp32 gradient
     partition for every group only to drop it again: it does that to initialise Adagrad's state, and
     keeps the partitions only with CPU offload (measured: a transient of the masters' size, the peak of
-    a regroup that starts blocks training)."""
+    a regroup that starts blocks training). ``unstash(params)``, when given, runs once each ZeRO-1/2
+    group's weights are in their flat buffer, before DeepSpeed builds the group's masters from them:
+    stashed weights come back there, and their shares go before any master exists."""
     import deepspeed.runtime.bf16_optimizer as bf16_optimizer
     import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
 
     zero = stage_1_and_2.DeepSpeedZeroOptimizer
     modules = (stage_1_and_2, bf16_optimizer)
-    saved = [m._flatten_dense_tensors for m in modules], zero.initialize_optimizer_states
-    real_init = zero.initialize_optimizer_states
+    saved = [m._flatten_dense_tensors for m in modules], zero.initialize_optimizer_states, zero._update_model_bit16_weights
+    real_init, real_update = saved[1], saved[2]
 
     def initialize_optimizer_states(self):
         if self.cpu_offload or isinstance(self.optimizer, torch.optim.Adagrad):
             return real_init(self)
 
+    def update_model_bit16_weights(self, group_index):
+        real_update(self, group_index)
+        if unstash is not None:
+            unstash(self.bit16_groups[group_index])
+
     for m in modules:
         m._flatten_dense_tensors = flatten_straight
     zero.initialize_optimizer_states = initialize_optimizer_states
+    zero._update_model_bit16_weights = update_model_bit16_weights
     try:
         yield
     finally:
         for m, original in zip(modules, saved[0]):
             m._flatten_dense_tensors = original
-        zero.initialize_optimizer_states = saved[1]
+        zero.initialize_optimizer_states, zero._update_model_bit16_weights = saved[1], saved[2]
 
 
 def torch_flatten_again(ds_optimizer) -> None:
@@ -146,40 +157,50 @@ def torch_flatten_again(ds_optimizer) -> None:
         ds_optimizer.flatten = _flatten_dense_tensors
 
 
-def restore_stashed(ds_optimizer, stashed: dict, rank: int, world: int, comm_device: torch.device) -> int:
-    """Tensors without carried state, released with their values in per-rank shares
-    (``zero_state.stash_sources``): their weights from the shares (each rank writes its own, sends it
-    to the others), then their masters from those weights, each rank its own range - what DeepSpeed
-    would have built from the weights. Returns the most staging bytes one wave used."""
-    views, flat, local_dst, local_src, plan = flat_views(ds_optimizer, rank), {}, [], [], []
-    for view in views:
-        for p in view.params:
-            source = stashed.get(id(p))
-            if source is None:
-                continue
-            flat[id(p)] = p.data.view(-1)
-            for holder, lo, hi in source.holders:
-                if holder == rank:
-                    local_dst.append(flat[id(p)][lo:hi])
-                    local_src.append(source.slices(lo, hi)[0])
-                plan += [(holder, dst, id(p), lo, hi, 1) for dst in range(world) if dst != holder]
+def unstash_weights(params, stashed: dict, rank: int, world: int, comm_device: torch.device) -> int:
+    """The weights of ``params`` that have stashed shares (``zero_state.stash_sources``), from those
+    shares: each rank writes its own and sends it to the others. Their entries leave ``stashed`` (the
+    shares are freed). Every rank must call it with the same ``params``. Returns the most staging
+    bytes one wave used."""
+    flat, local_dst, local_src, plan = {}, [], [], []
+    for p in params:
+        source = stashed.pop(id(p), None)
+        if source is None:
+            continue
+        flat[id(p)] = p.data.view(-1)
+        for holder, lo, hi in source.holders:
+            if holder == rank:
+                local_dst.append(flat[id(p)][lo:hi])
+                local_src.append(source.slices(lo, hi)[0])
+            plan += [(holder, dst, id(p), lo, hi, 1) for dst in range(world) if dst != holder]
     with torch.no_grad():
         for dst, src in zip(local_dst, local_src):
             dst.copy_(src)
+    del local_src
 
     def slice_of(key, lo, hi):
         return [flat[key][lo:hi]]
 
-    staged = _run_plan(plan, slice_of, slice_of, rank, comm_device)
+    return _run_plan(plan, slice_of, slice_of, rank, comm_device)
+
+
+def restore_stashed(ds_optimizer, stashed: dict, rank: int, world: int, comm_device: torch.device) -> int:
+    """What is left in ``stashed`` after the rebuild (a wrapper whose flattening ``lean_rebuild`` does not
+    follow): the weights from their shares, then their masters from those weights, each rank its own
+    range - what DeepSpeed would have built from the weights. Returns the most staging bytes one wave used."""
+    views = flat_views(ds_optimizer, rank)
+    left = [p for view in views for p in view.params if id(p) in stashed]
+    staged = unstash_weights(left, stashed, rank, world, comm_device)
+    restored = {id(p) for p in left}
     with torch.no_grad():
         for view in views:
             master = view.master.detach().view(-1)
             for p, offset in zip(view.params, view.offsets):
-                if id(p) in flat and view.master is not p:
+                if id(p) in restored and view.master is not p:
                     for holder, lo, hi in view.ranges(offset, p.numel(), world):
                         if holder in (rank, EVERY_RANK):
                             at = offset + lo - view.start
-                            master[at:at + hi - lo].copy_(flat[id(p)][lo:hi])
+                            master[at:at + hi - lo].copy_(p.data.view(-1)[lo:hi])
     return staged
 
 
