@@ -27,9 +27,9 @@ source of an untied block) moves in one hop:
 Which rank holds and needs which element range is derived from the layouts, identically on every
 rank; only the data moves. A rank's extra memory during a regroup is its share of the *new* state
 (the old one is freed after the hop), plus a bounded staging buffer only when the state lives off
-the communication device (CPU offload over NCCL). An intermediate copy of the carried state (carried
-out to an even split before the rebuild, in by a second hop after it) measured 1.0x the old state
-more: the new state and that copy were alive together. At stage 0 nothing is partitioned: every rank
+the communication device (CPU offload over NCCL). The earlier two-hop design (carried out to an even
+split before the rebuild, in after it) held a copy of the carried state beside the new state: a rank's rise
+was up to 1.68x its share of the new state on one rank. At stage 0 nothing is partitioned: every rank
 holds, and carries, the whole state. Every function here must run on every rank in the same order.
 """
 
