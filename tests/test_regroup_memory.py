@@ -15,7 +15,7 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from zero_helper import base_args, write_reference_run  # noqa: E402
+from zero_helper import base_args, live_cpu_tensor_bytes, write_reference_run  # noqa: E402
 
 from megatie.runtime.distributed import init_deepspeed_distributed  # noqa: E402
 from megatie.tools.train_cli import build_parser, config_from_args  # noqa: E402
@@ -49,18 +49,6 @@ def _trainer(tmp_path, ds_config=ZERO2, observer=None):
     return trainer
 
 
-def _all_live_cpu_bytes() -> int:
-    """Every live CPU tensor storage the garbage collector can see: the census independent of the meter."""
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            storage = obj.untyped_storage()
-            if storage.data_ptr() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
 def _census_peak(monkeypatch, trainer, state) -> tuple[dict, int]:
     """Regroup to ``state``; returns its record and the census's peak above its level at the start
     (taken where the old state is described, after DeepSpeed flattens each group, once the new moments
@@ -74,13 +62,13 @@ def _census_peak(monkeypatch, trainer, state) -> tuple[dict, int]:
     def sampled(real):
         def wrapper(*args, **kwargs):
             out = real(*args, **kwargs)
-            samples.append(_all_live_cpu_bytes())
+            samples.append(live_cpu_tensor_bytes())
             return out
         return wrapper
 
     real_describe = engine_module.describe_sources
     monkeypatch.setattr(engine_module, "describe_sources",
-                        lambda *a, **k: (samples.append(_all_live_cpu_bytes()), real_describe(*a, **k))[1])
+                        lambda *a, **k: (samples.append(live_cpu_tensor_bytes()), real_describe(*a, **k))[1])
     import megatie.engines.zero_state as zero_state
 
     monkeypatch.setattr(zero_state, "_new_state", sampled(zero_state._new_state))  # all new state, old still read

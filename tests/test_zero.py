@@ -19,7 +19,7 @@ from megatie.errors import CheckpointError, ConfigError  # noqa: E402
 from megatie.tying.layers import count_parameters  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
 from mixed_reference import MixedPrecisionReference  # noqa: E402
-from zero_helper import base_args, record_losses, write_reference_run  # noqa: E402
+from zero_helper import base_args, live_cpu_tensor_bytes, record_losses, write_reference_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": False}}
@@ -239,20 +239,6 @@ def test_fp16_loss_scaler_survives_a_regroup(tmp_path, reference):
 
 
 # --------------------------------------------------------------------------- no leaks
-def _live_tensor_bytes() -> int:
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-                s = obj.untyped_storage()
-                if s.data_ptr() and s.data_ptr() not in seen:
-                    seen.add(s.data_ptr())
-                    total += s.nbytes()
-        except Exception:
-            continue
-    return total
-
-
 # Bytes per trainable element: weights, fp32 master, two moments (4 + 4 + 8), gradient buffers; with
 # CPU offload also the fp32 gradient partition and a copy of the weights on the host.
 @pytest.mark.parametrize("config,max_bytes", [
@@ -278,7 +264,7 @@ def test_no_leaks_after_many_regroups(tmp_path, reference, config, max_bytes):
             engine.regroup(trainer.tying.apply(state))
             assert all(r() is None for r in refs[2:]), "an old fp32 partition or moment outlived its regroup"
             engine.train_step(batches)  # every group has Adam state after a step
-            samples.append((count_parameters(trainer.model)[0], _live_tensor_bytes(), engine.live_state_bytes()))
+            samples.append((count_parameters(trainer.model)[0], live_cpu_tensor_bytes(), engine.live_state_bytes()))
     finally:
         gc.enable()
     gc.collect()

@@ -63,6 +63,26 @@ def base_args(out_dir: str, reference: str, steps: int = 104, batch: int = 2, ev
             "--no-progress", "--seed", "7"]
 
 
+def live_cpu_tensor_bytes() -> int:
+    """Bytes of every distinct live CPU tensor storage the garbage collector can see: a census that
+    shares nothing with megatie's own accounting (``megatie.metrics.live_bytes``)."""
+    import gc
+
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                s = obj.untyped_storage()
+                if s.data_ptr() and s.data_ptr() not in seen:
+                    seen.add(s.data_ptr())
+                    total += s.nbytes()
+        except Exception:  # objects that refuse the checks (deprecated module attributes) hold no tensor
+            continue
+    return total
+
+
 def weights_hash(model) -> str:
     from megatie.checkpoint.store import unique_state_dict
 

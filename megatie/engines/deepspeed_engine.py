@@ -69,7 +69,6 @@ from megatie.engines.zero_weights import (
     lean_rebuild,
     materialize_left,
     release_weights,
-    restore_stashed,
     restore_weights,
     torch_flatten_again,
     unstash_weights,
@@ -260,7 +259,9 @@ class DeepSpeedEngine:
         source_of = {pid: sid for pid, sid in source_of.items() if sid in sources}
         groups = self._groups({pid: sources[sid].step for pid, sid in source_of.items()})
         stashed = {}
-        if self.stage > 0 and self.world_size > 1:  # one rank's share would be the whole tensor: no gain
+        # One rank's share would be the whole tensor: no gain. The shares go back where DeepSpeed's
+        # ZeRO-1/2 optimizer flattens (zero_weights.lean_rebuild); the rebuild makes the same kind.
+        if self.world_size > 1 and hasattr(self.optimizer, "single_partition_of_fp32_groups"):
             stashed = stash_sources([p for _, group in groups for p in group if id(p) not in source_of],
                                     self.rank, self.world_size)
         del wanted, created
@@ -273,10 +274,10 @@ class DeepSpeedEngine:
         released_stashed = release_weights(params, stashed)
         self._rebuild_optimizer(groups, lambda group: unstash_weights(group, stashed, self.rank, self.world_size,
                                                                       self.comm_device))
+        if stashed:
+            raise RuntimeError("the rebuilt optimizer did not flatten every stashed tensor")
         materialize_left(params, {**released, **released_stashed})
-        staged = restore_stashed(self.optimizer, stashed, self.rank, self.world_size, self.comm_device)
-        stashed.clear()  # its shares go before the new moments exist
-        staged = max(staged, carry(self.optimizer, sources, source_of, self.rank, self.world_size, self.comm_device))
+        staged = carry(self.optimizer, sources, source_of, self.rank, self.world_size, self.comm_device)
         del sources  # the old masters and moments go
         staged = max(staged, restore_weights(self.optimizer, released, self.rank, self.world_size,
                                              self.comm_device))

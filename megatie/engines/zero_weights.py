@@ -29,8 +29,9 @@ tensor at a time (``flatten_straight``). Under ZeRO-1/2 on several ranks each ra
 of their values (``zero_state.stash_sources``) and they are released too: held whole beside the new
 flat buffer, they would add one copy of their weights on every rank, where the state is only a share;
 their weights come back from the shares as soon as their group's flat buffer exists, before
-DeepSpeed builds its masters from it (``unstash_weights``, called from ``lean_rebuild``), so the shares
-never live beside the new masters; ``restore_stashed`` covers a wrapper that flattens otherwise.
+DeepSpeed builds its masters from it (``unstash_weights``, called from ``lean_rebuild`` - hence only
+under DeepSpeed's ZeRO-1/2 optimizer, whose flattening that hook follows), so the shares never live
+beside the new masters.
 A frozen replica is not trainable and is not touched. ``device_room`` decides where DeepSpeed
 flattens (see ``flatten_where_room``).
 """
@@ -67,33 +68,46 @@ def materialize_left(params, released: dict[int, int]) -> None:
             p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
 
-def restore_weights(ds_optimizer, released: dict[int, int], rank: int, world: int,
-                    comm_device: torch.device) -> int:
-    """Every released weight from its master: own slices cast locally, the others received from their
-    owners. Returns the most staging bytes one wave used."""
+def _weights_from_holders(targets: list, rank: int, world: int, comm_device: torch.device) -> int:
+    """``targets``: ``(key, weight, holders, own)`` - a weight's flat view, which rank holds which range
+    of its values (``(rank or EVERY_RANK, lo, hi)``) and ``own(lo, hi)``, this rank's source of a range
+    it holds. Each rank writes (casting) what it holds into its weights and sends those ranges to every
+    other rank. Consumes ``targets`` (its sources can go before the exchange). Returns the most staging
+    bytes one wave used."""
     local_dst, local_src, plan, flat = [], [], [], {}
-    for view in flat_views(ds_optimizer, rank):
-        master = view.master.detach().view(-1)
-        for p, offset in zip(view.params, view.offsets):
-            if id(p) not in released or view.master is p:  # stage 0 fp32: the weight is the master
-                continue
-            key = id(p)
-            flat[key] = p.data.view(-1)
-            for holder, lo, hi in view.ranges(offset, p.numel(), world):
-                if holder in (rank, EVERY_RANK):
-                    at = offset + lo - view.start
-                    local_dst.append(flat[key][lo:hi])
-                    local_src.append(master[at:at + hi - lo])
-                if holder != EVERY_RANK:
-                    plan += [(holder, dst, key, lo, hi, 1) for dst in range(world) if dst != holder]
+    for key, weight, holders, own in targets:
+        flat[key] = weight
+        for holder, lo, hi in holders:
+            if holder in (rank, EVERY_RANK):
+                local_dst.append(weight[lo:hi])
+                local_src.append(own(lo, hi))
+            if holder != EVERY_RANK:
+                plan += [(holder, dst, key, lo, hi, 1) for dst in range(world) if dst != holder]
+    targets.clear()
     with torch.no_grad():
         for dst, src in zip(local_dst, local_src):
             dst.copy_(src)  # the cast DeepSpeed applies after each step
+    del local_src
 
     def slice_of(key, lo, hi):
         return [flat[key][lo:hi]]
 
     return _run_plan(plan, slice_of, slice_of, rank, comm_device)
+
+
+def restore_weights(ds_optimizer, released: dict[int, int], rank: int, world: int,
+                    comm_device: torch.device) -> int:
+    """Every released weight from its master: own slices cast locally, the others received from their
+    owners. Returns the most staging bytes one wave used."""
+    targets = []
+    for view in flat_views(ds_optimizer, rank):
+        master = view.master.detach().view(-1)
+        for p, offset in zip(view.params, view.offsets):
+            if id(p) in released and view.master is not p:  # stage 0 fp32: the weight is the master
+                at = offset - view.start
+                targets.append((id(p), p.data.view(-1), view.ranges(offset, p.numel(), world),
+                                lambda lo, hi, master=master, at=at: master[at + lo:at + hi]))
+    return _weights_from_holders(targets, rank, world, comm_device)
 
 
 def flatten_straight(tensors) -> torch.Tensor:
@@ -162,46 +176,13 @@ def unstash_weights(params, stashed: dict, rank: int, world: int, comm_device: t
     shares: each rank writes its own and sends it to the others. Their entries leave ``stashed`` (the
     shares are freed). Every rank must call it with the same ``params``. Returns the most staging
     bytes one wave used."""
-    flat, local_dst, local_src, plan = {}, [], [], []
+    targets = []
     for p in params:
         source = stashed.pop(id(p), None)
-        if source is None:
-            continue
-        flat[id(p)] = p.data.view(-1)
-        for holder, lo, hi in source.holders:
-            if holder == rank:
-                local_dst.append(flat[id(p)][lo:hi])
-                local_src.append(source.slices(lo, hi)[0])
-            plan += [(holder, dst, id(p), lo, hi, 1) for dst in range(world) if dst != holder]
-    with torch.no_grad():
-        for dst, src in zip(local_dst, local_src):
-            dst.copy_(src)
-    del local_src
-
-    def slice_of(key, lo, hi):
-        return [flat[key][lo:hi]]
-
-    return _run_plan(plan, slice_of, slice_of, rank, comm_device)
-
-
-def restore_stashed(ds_optimizer, stashed: dict, rank: int, world: int, comm_device: torch.device) -> int:
-    """What is left in ``stashed`` after the rebuild (a wrapper whose flattening ``lean_rebuild`` does not
-    follow): the weights from their shares, then their masters from those weights, each rank its own
-    range - what DeepSpeed would have built from the weights. Returns the most staging bytes one wave used."""
-    views = flat_views(ds_optimizer, rank)
-    left = [p for view in views for p in view.params if id(p) in stashed]
-    staged = unstash_weights(left, stashed, rank, world, comm_device)
-    restored = {id(p) for p in left}
-    with torch.no_grad():
-        for view in views:
-            master = view.master.detach().view(-1)
-            for p, offset in zip(view.params, view.offsets):
-                if id(p) in restored and view.master is not p:
-                    for holder, lo, hi in view.ranges(offset, p.numel(), world):
-                        if holder in (rank, EVERY_RANK):
-                            at = offset + lo - view.start
-                            master[at:at + hi - lo].copy_(p.data.view(-1)[lo:hi])
-    return staged
+        if source is not None:
+            targets.append((id(p), p.data.view(-1), source.holders,
+                            lambda lo, hi, source=source: source.slices(lo, hi)[0]))
+    return _weights_from_holders(targets, rank, world, comm_device)
 
 
 def device_room(accelerator, free_memory=None) -> int:
