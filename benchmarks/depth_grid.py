@@ -13,8 +13,10 @@ invocations; ``--jobs`` runs that many at once (one thread each).
 
 A shape is ``LxD`` (L blocks of width D, ``--n-head`` heads) or ``LxD/H``. The verdict: depth pays when
 the base, at its best learning rate, beats the best candidate within ``--budget`` (at its own best) by at
-least ``--margin`` in mean validation perplexity. ``benchmarks/gpu_suite.py`` runs it at GPT-2 124M's
-width on a GPU (optional step ``depth-pays``).
+least ``--margin`` in mean validation perplexity. A candidate ``LxD[/H]@POLICY`` is a *tied* model (the
+launcher's ``--tie-policy POLICY``, e.g. ``12x768/12@split``): where depth pays, the grid then also says
+whether the best tied model within the budget beats the best untied one - whether tying pays.
+``benchmarks/gpu_suite.py`` runs it at GPT-2 124M's width on a GPU (optional step ``depth-pays``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jobs import ROOT, run_jobs  # noqa: E402
 
 
+def split_policy(shape: str) -> tuple[str, str]:
+    """``"6x64@split"`` -> ``("6x64", "split")``; an untied shape has the policy ``conventional``."""
+    body, _, policy = shape.partition("@")
+    return body, policy or "conventional"
+
+
 def parse_shape(text: str, heads: int) -> tuple[int, int, int]:
+    text = split_policy(text)[0]
     try:
         body, _, h = text.partition("/")
         layers, width = (int(x) for x in body.lower().split("x"))
@@ -42,13 +51,13 @@ def parse_shape(text: str, heads: int) -> tuple[int, int, int]:
 
 
 def run_name(shape: str, lr: float, seed: int) -> str:
-    return f"{shape.replace('/', 'h')}_lr{lr:g}_s{seed}"
+    return f"{shape.replace('/', 'h').replace('@', '_')}_lr{lr:g}_s{seed}"
 
 
 def command(opts, shape: str, lr: float, seed: int) -> list[str]:
     layers, width, heads = parse_shape(shape, opts.n_head)
     return [sys.executable, os.path.join(ROOT, "launchers", "train_gpt2.py"),
-            "--out-dir", os.path.join(opts.out_dir, run_name(shape, lr, seed)), "--tie-policy", "conventional",
+            "--out-dir", os.path.join(opts.out_dir, run_name(shape, lr, seed)), "--tie-policy", split_policy(shape)[1],
             "--n-layer", str(layers), "--n-embd", str(width), "--n-head", str(heads), "--seq-len", str(opts.seq_len),
             "--batch-size", str(opts.batch_size), "--vocab-size", str(opts.vocab_size), "--lr", str(lr),
             "--max-steps", str(opts.steps), "--eval-every", str(max(1, opts.steps // 4)),
@@ -92,13 +101,20 @@ def verdict(opts, table: dict) -> dict:
     within = [s for s in opts.candidates if table[s]["params"] and base["params"]
               and table[s]["params"] <= opts.budget * base["params"]]
     scored = [(s, *best_lr(table[s], opts.seeds)) for s in within]
-    scored = [x for x in scored if x[2] is not None]
-    if base_ppl is None or not scored:
+    untied = [x for x in scored if x[2] is not None and split_policy(x[0])[1] == "conventional"]
+    tied = [x for x in scored if x[2] is not None and split_policy(x[0])[1] != "conventional"]
+    if base_ppl is None or not untied:
         return {"complete": False}
-    shape, lr, ppl = min(scored, key=lambda x: x[2])
-    return {"complete": True, "base": opts.base, "base_lr": base_lr, "base_ppl": base_ppl, "best_small": shape,
-            "best_small_lr": lr, "best_small_ppl": ppl, "best_small_params_ratio": table[shape]["params"] / base["params"],
-            "small_over_base": ppl / base_ppl, "depth_pays": ppl / base_ppl >= 1 + opts.margin}
+    shape, lr, ppl = min(untied, key=lambda x: x[2])
+    result = {"complete": True, "base": opts.base, "base_lr": base_lr, "base_ppl": base_ppl, "best_small": shape,
+              "best_small_lr": lr, "best_small_ppl": ppl,
+              "best_small_params_ratio": table[shape]["params"] / base["params"],
+              "small_over_base": ppl / base_ppl, "depth_pays": ppl / base_ppl >= 1 + opts.margin}
+    if tied:
+        t_shape, t_lr, t_ppl = min(tied, key=lambda x: x[2])
+        result.update(best_tied=t_shape, best_tied_lr=t_lr, best_tied_ppl=t_ppl, tied_over_base=t_ppl / base_ppl,
+                      best_tied_params_ratio=table[t_shape]["params"] / base["params"], tying_pays=t_ppl < ppl)
+    return result
 
 
 def markdown(opts, table: dict, result: dict) -> str:
@@ -119,6 +135,10 @@ def markdown(opts, table: dict, result: dict) -> str:
                      f"{opts.budget:.2f}x of its parameters: {result['best_small']} at lr {result['best_small_lr']}: "
                      f"{result['best_small_ppl']:.2f} ({result['small_over_base']:.3f}x the base's perplexity). "
                      f"Depth pays (>= {1 + opts.margin:.2f}x): **{'yes' if result['depth_pays'] else 'no'}**.")
+        if "best_tied" in result:
+            lines.append(f"Best tied model within the budget: {result['best_tied']} at lr {result['best_tied_lr']}: "
+                         f"{result['best_tied_ppl']:.2f} ({result['tied_over_base']:.3f}x). Tying beats the best "
+                         f"untied model: **{'yes' if result['tying_pays'] else 'no'}**.")
     return "\n".join(lines)
 
 
@@ -127,7 +147,8 @@ def parse(argv=None):
     p.add_argument("--train-file", required=True)
     p.add_argument("--valid-file", required=True)
     p.add_argument("--base", required=True, help="the conventional deep model, LxD[/H]")
-    p.add_argument("--candidates", required=True, help="comma-separated untied shapes to compare with it")
+    p.add_argument("--candidates", required=True,
+                   help="comma-separated shapes to compare with it: untied LxD[/H], or tied LxD[/H]@POLICY")
     p.add_argument("--lrs", default="4e-3,8e-3", help="learning rates tried for every shape")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=1800)

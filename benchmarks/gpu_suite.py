@@ -17,8 +17,10 @@ Steps, in order (``--dry-run`` lists them with time estimates):
 7. probe-memory (optional): ``split``'s gradient probe at the paper's shape, exact and sketched;
 8. depth-pays (optional, with ``--depth-train-file`` and ``--depth-valid-file``): whether depth pays at
    GPT-2 124M's width - 12 blocks of 768 against untied models with at most a third of their
-   parameters (3x768, 1x1152), ``benchmarks/depth_grid.py``; on two CPU cores no such regime was found
-   (benchmarks/RESULTS.md, "Does depth pay at this scale?").
+   parameters (3x768, 1x1152), and whether tying pays there: the same 12 blocks under ``split`` (three
+   roots, ~0.30x with the 8192-token vocabulary) and ``alternate`` (two, ~0.23x) against the best untied
+   model, ``benchmarks/depth_grid.py``. On two CPU cores depth pays at 6x64 but no tied model at a third
+   recovers it (benchmarks/RESULTS.md, "The deep regime").
 
 A step that fails is recorded (exit status, output tail) and the suite goes on; optional steps are
 skipped when their estimate exceeds what is left of ``--budget-seconds``. One JSON (``--out``) and a
@@ -110,7 +112,7 @@ def depth_step(py, args, out) -> list[Step]:
     grid = os.path.join(out, "depth_grid")
     shapes = ["--base", "4x64/2", "--candidates", "1x64/2", "--steps", "8", "--seeds", "0", "--lrs", "1e-3",
               "--batch-size", "2", "--seq-len", "32"] if args.smoke else \
-        ["--base", "12x768/12", "--candidates", "3x768/12,1x1152/12", "--steps", "1500", "--seeds", "0",
+        ["--base", "12x768/12", "--candidates", "3x768/12,1x1152/12,12x768/12@split,12x768/12@alternate", "--steps", "1500", "--seeds", "0",
          "--lrs", "6e-4", "--batch-size", "16", "--seq-len", "256", "--vocab-size", "8192"]
     return [Step("depth-pays", 60 if args.smoke else 600,
                  [py, "benchmarks/depth_grid.py", "--train-file", args.depth_train_file, "--valid-file",

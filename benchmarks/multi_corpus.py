@@ -51,7 +51,10 @@ def corpus_table(opts, rows: list[str], corpus_dir: str) -> dict[str, dict]:
         if not runs:
             continue
         paired = [runs[s]["best_val_ppl"] / conv[s]["best_val_ppl"] for s in runs if s in conv]
-        params = [r["mean_trainable_params"] / r["conventional_trainable_params"] for r in runs.values()]
+        # Against the conventional row's model where it ran: a row may change the shape (fewer blocks, a
+        # narrower width), and then its own untied count is not the model it is compared with.
+        params = [r["mean_trainable_params"] / (conv[s] if s in conv else r)["conventional_trainable_params"]
+                  for s, r in runs.items()]
         table[row] = {"seeds": sorted(runs), "ppl": [runs[s]["best_val_ppl"] for s in sorted(runs)],
                       "ppl_ratio": statistics.fmean(paired) if paired else None,
                       "param_ratio": statistics.fmean(params),

@@ -19,9 +19,10 @@ corpus (``benchmarks/multi_corpus.py``). ``--jobs N`` runs N rows at a time (use
 (masked-token or top-1 accuracy) and its trivial baseline (unigram perplexity, majority class).
 Without ``--train-file`` every row trains on the launcher's default data (the embedded corpus, digits).
 
-Regimes: ``short`` (600 steps, one evaluation at the end), ``long`` (1500 steps, 6 evaluations) and
+Regimes: ``short`` (600 steps, one evaluation at the end), ``long`` (1500 steps, 6 evaluations),
 ``paper`` (2000 steps on the first 25% of the training text, 20 evaluations, the best-on-validation
-checkpoint reported as the paper does). With the tiny preset (8 x 128 tokens a step) on a ~0.4M-token
+checkpoint reported as the paper does) and ``deep`` (the ``deep`` preset, 6 x 64 with a vocabulary of
+512, 1800 steps, 4 evaluations: the regime where depth pays, for the question whether tying keeps it). With the tiny preset (8 x 128 tokens a step) on a ~0.4M-token
 corpus such as WikiText-2's validation text, that is ~1.5, ~3.8 and ~20 epochs; the paper trains for
 300 epochs, where conventional training overfits a small corpus, which ``paper`` reaches by shrinking
 the corpus. ``--steps``, ``--evals`` and ``--train-fraction`` override a regime's settings.
@@ -101,6 +102,13 @@ ROWS: dict[str, tuple[list[str], str]] = {
                      "middle-cycle: the first and last blocks unique, the rest in a cycle of half of them"),
     "alternate-lora8": (["--tie-policy", "alternate", "--tie-relax", "lora:8"], "alternate with rank-8 deltas"),
     "untied-2": (["--tie-policy", "conventional", "--n-layer", "2"], "a plain model of two blocks"),
+    # At the `deep` preset (6 x 64) a third of the parameters is two blocks of d=56 (the best untied
+    # model within it) or six positions sharing d=56 blocks.
+    "untied-2x56": (["--tie-policy", "conventional", "--n-layer", "2", "--n-embd", "56"],
+                    "a plain model of two blocks of d=56"),
+    "alternate-56": (["--tie-policy", "alternate", "--n-embd", "56"], "alternate, every block d=56"),
+    "all-tied-lora4": (["--tie-policy", "static", "--static-state", "{zeros}", "--tie-relax", "lora:4"],
+                       "every block shares block 0, each position with a rank-4 delta"),
     "untied-3": (["--tie-policy", "conventional", "--n-layer", "3"], "a plain model of three blocks"),
     # Schedules without learning.
     "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),
@@ -127,9 +135,12 @@ TABLE4 = ["conventional", "qlearning", "vanilla", "static", "replay-permuted", "
 # ``paper``: the paper trains for hundreds of epochs on a small corpus, where conventional training
 # overfits and the best-on-validation checkpoint is reported. On a CPU we get there by training on a
 # quarter of the corpus for ~20 epochs (dropout 0): conventional's validation curve turns upward.
+# ``deep``: the `deep` preset (6 x 64, vocabulary 512, lr 8e-3, 1800 steps), where depth pays: the
+# conventional model beats every untied model with a third of its parameters (RESULTS.md).
 REGIMES = {"short": dict(steps=600, evals=1, train_fraction=1.0),
            "long": dict(steps=1500, evals=6, train_fraction=1.0),
-           "paper": dict(steps=2000, evals=20, train_fraction=0.25)}
+           "paper": dict(steps=2000, evals=20, train_fraction=0.25),
+           "deep": dict(steps=1800, evals=4, train_fraction=1.0, preset="deep")}
 
 
 def row_args(name: str, ref: str, n_layer: int) -> list[str]:
@@ -332,8 +343,8 @@ def parse(argv=None):
     p.add_argument("--rows", default=",".join(TABLE4 + ["grow"]),
                    help=f"comma-separated rows; 'all' for every row. Known: {', '.join(ROWS)}")
     p.add_argument("--seeds", default="1234", help="comma-separated seeds")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--n-layer", type=int, default=12, help="blocks of the preset (for the all-tied row)")
+    p.add_argument("--preset", help="the model preset (default: the regime's, else tiny)")
+    p.add_argument("--n-layer", type=int, help="blocks of the model (default: the preset's; the tie-map rows use it)")
     p.add_argument("--eval-batches", type=int, default=400)
     p.add_argument("--out-dir", default="runs/reproduce")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -357,6 +368,11 @@ def parse(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     opts.extra = [a for a in opts.extra if a != "--"]
+    opts.preset = opts.preset or REGIMES[opts.regime].get("preset", "tiny")
+    if opts.n_layer is None:
+        from megatie.presets import PRESETS
+
+        opts.n_layer = PRESETS[opts.preset]["n_layer"] if opts.preset in PRESETS else 12
     opts.tokenizer_args = []  # main() fills it when the regime trains on a corpus prefix
     if opts.train_fraction is not None and not 0 < opts.train_fraction <= 1:
         p.error(f"--train-fraction must be in (0, 1], got {opts.train_fraction}")

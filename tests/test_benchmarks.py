@@ -104,7 +104,7 @@ def test_probe_memory_benchmark_shows_the_sketch_saving_gradient_memory(tmp_path
     assert report["max_cosine_error"] < 0.05
 
 
-@pytest.mark.slow  # four short training runs through the launcher
+@pytest.mark.slow  # eight short training runs through the launcher
 def test_depth_grid_compares_the_base_with_the_best_small_model_and_resumes(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from golden import corpus_text
@@ -113,7 +113,7 @@ def test_depth_grid_compares_the_base_with_the_best_small_model_and_resumes(tmp_
     corpus.write_text(corpus_text(sentences=3000))
     out = tmp_path / "grid"
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "depth_grid.py"), "--train-file", str(corpus),
-            "--valid-file", str(corpus), "--base", "3x32", "--candidates", "1x32,1x16/1", "--lrs", "2e-3,8e-3",
+            "--valid-file", str(corpus), "--base", "3x32", "--candidates", "1x32,1x16/1,3x32@alternate", "--lrs", "2e-3,8e-3",
             "--seeds", "0", "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
             "--budget", "0.9", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -121,12 +121,18 @@ def test_depth_grid_compares_the_base_with_the_best_small_model_and_resumes(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "depth_grid.json").read_text())
     table, verdict = report["table"], report["verdict"]
-    assert set(table) == {"3x32", "1x32", "1x16/1"} and verdict["complete"]
+    assert set(table) == {"3x32", "1x32", "1x16/1", "3x32@alternate"} and verdict["complete"]
     base_lr_ppls = table["3x32"]["by_lr"]
     assert verdict["base_ppl"] == min(runs["0"] for runs in base_lr_ppls.values())  # the base at its best lr
     small = {s: min(r["0"] for r in table[s]["by_lr"].values()) for s in ("1x32", "1x16/1")}
     assert verdict["best_small_ppl"] == min(small.values())
     assert verdict["depth_pays"] == (verdict["best_small_ppl"] / verdict["base_ppl"] >= 1.05)
+    # the tied candidate trained tied, is never taken for the best untied model, and is compared with it
+    tied_config = json.loads((out / "3x32_alternate_lr0.002_s0" / "config.json").read_text())
+    assert tied_config["tie_policy"] == "alternate" and verdict["best_tied"] == "3x32@alternate"
+    tied_ppl = min(r["0"] for r in table["3x32@alternate"]["by_lr"].values())
+    assert verdict["best_tied_ppl"] == tied_ppl and verdict["tying_pays"] == (tied_ppl < verdict["best_small_ppl"])
+    assert table["3x32@alternate"]["params"] < table["3x32"]["params"]
     stamp = (out / "3x32_lr0.002_s0" / "summary.json").stat().st_mtime
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)  # nothing left to train
     assert r.returncode == 0 and (out / "3x32_lr0.002_s0" / "summary.json").stat().st_mtime == stamp

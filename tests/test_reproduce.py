@@ -196,3 +196,31 @@ def test_bad_corpus_specs_end_in_one_line(tmp_path):
     short.write_text("only\nfive\nlines\nof\ntext\n")
     with pytest.raises(SystemExit, match="at least 20 non-empty lines"):
         module.prepare(f"s={short}", str(tmp_path))
+
+
+def test_deep_regime_uses_its_preset_and_compares_smaller_shapes_with_conventional(tmp_path):
+    """The deep regime trains the `deep` preset (6 blocks: the tie maps have six entries); a row that
+    trains another shape (two narrower blocks) is compared with the conventional row's parameters, not
+    its own untied count (which would call it 1.00x)."""
+    rep = load_reproduce()
+    opts, rows = rep.parse(["--train-file", "t.txt", "--valid-file", "v.txt", "--regime", "deep",
+                            "--rows", "conventional,all-tied-lora4,untied-2x56", "--out-dir", "out"])
+    cmds = {r: rep.command(opts, r, 1) for r in rows}
+    assert {flag(c, "--preset") for c in cmds.values()} == {"deep"}
+    assert {flag(c, "--max-steps") for c in cmds.values()} == {"1800"}
+    assert flag(cmds["all-tied-lora4"], "--static-state") == "0,0,0,0,0,0"
+    assert flag(cmds["untied-2x56"], "--n-layer") == "2" and flag(cmds["untied-2x56"], "--n-embd") == "56"
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} of a small real-looking text\n" for i in range(200)))
+    args = ["--corpora", f"one={text}", "--regime", "deep", "--rows", "conventional,untied-2x56", "--seeds", "1",
+            "--out-dir", str(tmp_path / "out"), "--report-only"]
+    for row, params, ppl in (("conventional", 341e3, 14.0), ("untied-2x56", 113e3, 15.4)):
+        d = rep.run_dir(str(tmp_path / "out" / "one"), "deep", 1, row)
+        os.makedirs(d)
+        summary = fake_summary(row, ppl, params, 2)
+        summary.update(conventional_trainable_params=params, final_state=[0, 1])
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(summary, f)
+    assert rep.main(args) == 0
+    cell = json.load(open(tmp_path / "out" / "corpora_deep.json"))["tables"]["one"]["untied-2x56"]
+    assert cell["param_ratio"] == pytest.approx(113 / 341) and cell["ppl_ratio"] == pytest.approx(1.1)
