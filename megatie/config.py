@@ -177,6 +177,7 @@ class RunFacts:
     num_channels: int | None = None
     image_size: int | None = None
     patch_size: int | None = None
+    tie_relax: str | None = None     # --tie-relax lora:auto as resolved (lora:R), in place of what was asked
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -380,6 +381,9 @@ def _validate_relax(s, info) -> None:
     if s.tie_parts not in TIE_PARTS or s.tie_keep_unique not in KEEP_UNIQUE:
         raise ConfigError(f"--tie-parts must be one of {', '.join(TIE_PARTS)} and --tie-keep-unique one of "
                           f"{', '.join(KEEP_UNIQUE)}; got {s.tie_parts!r}, {s.tie_keep_unique!r}")
+    if relax.auto and not info.takes_budget:
+        raise ConfigError(f"--tie-relax lora:auto lets --param-budget choose the deltas' rank: it needs a policy "
+                          f"that spends the budget (split), not {s.tie_policy!r}; give lora:R instead")
     if (relax.any or s.tie_parts != "all") and s.tie_mode != "shared":
         raise ConfigError("--tie-relax and --tie-parts need --tie-mode shared (a frozen replica trains nothing)")
     kept = {"none": 0, "first": 1, "last": 1, "both": 2}[s.tie_keep_unique]
@@ -423,8 +427,9 @@ def recorded_settings(cfg: TrainConfig, facts: RunFacts) -> dict:
     """The run as it ran, by flat name: every setting, with what the run learnt in place of what it was
     asked (a checkpoint's ``settings``; config.json adds the learnt part again as ``resolved``)."""
     learnt = facts.as_dict()
-    if learnt["tokenization"] is None:  # images: no text, so nothing a language model's resume could compare
-        del learnt["tokenization"]
+    for key in ("tokenization", "tie_relax"):  # images have no text; a relax without lora:auto is as asked
+        if learnt[key] is None:
+            del learnt[key]
     return {**cfg.flat(), **learnt}
 
 

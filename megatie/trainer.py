@@ -9,6 +9,7 @@ any number of ranks, both implementing ``megatie.engines.protocol.Engine``. Rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -52,7 +53,7 @@ from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
 from megatie.tying.layers import count_parameters, tying_for
 from megatie.tying.options import POLICIES
-from megatie.tying.policies import roots_within_budget
+from megatie.tying.policies import budget_split, roots_within_budget
 from megatie.tying.registry import build_policy, load_reference_run, policy_depth
 from megatie.tying.tie_map import num_independent
 
@@ -132,6 +133,7 @@ class Trainer:
         self.model = build_lm(self.spec, self.settings, seed=cfg.run.seed, device=self.device,
                               pad_to=cfg.model.pad_vocab_to)
         self.tying = tying_for(self.model, self.spec.block_path, self.settings)
+        self.budget_roots = self._resolve_delta_rank() if self.tying.relax.auto else None
         self.flops_per_token = model_flops_per_token(self.model, self.tying.untied_parameter_count(),
                                                      facts.n_layer, cfg.model.n_embd, facts.seq_len)
         self.peak_flops = None  # no MFU on a CPU
@@ -208,9 +210,23 @@ class Trainer:
         inputs = model_inputs_on(self.objective.train_inputs(raw, self.step, 0, self.rank), self.model, self.device)
         return block_gradient_gram(self.model, self.tying, inputs)
 
+    def _resolve_delta_rank(self) -> int:
+        """``lora:auto``: the roots and delta rank the budget pays for; the rank is a fact of the run
+        (``lora:R`` in config.json and the checkpoints), the roots go to ``split``."""
+        tying = self.tying
+        roots, rank = budget_split(self.cfg.tying.param_budget, tying.untied_parameter_count(), tying.block_numel(),
+                                   tying.num_blocks, tying.member_numel(), tying.delta_numel_per_rank(),
+                                   tying.full_delta_rank())
+        tying.fix_delta_rank(rank)
+        self.facts = dataclasses.replace(self.facts, tie_relax=str(tying.relax))
+        self.settings = recorded_settings(self.cfg, self.facts)
+        return roots
+
     def _roots_within_budget(self) -> int | None:
         if not POLICIES[self.cfg.tying.tie_policy].takes_budget:
             return None
+        if self.budget_roots is not None:
+            return self.budget_roots
         tying = self.tying
         return roots_within_budget(self.cfg.tying.param_budget, tying.untied_parameter_count(), tying.block_numel(),
                                    tying.num_blocks, tying.member_numel())

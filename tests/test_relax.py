@@ -11,7 +11,7 @@ from megatie.errors import ConfigError
 from megatie.tools.export import untied_state_dict
 from megatie.tying.layers import LayerTying, count_parameters, unique_parameters
 from megatie.tying.options import parse_relax
-from megatie.tying.policies import roots_within_budget
+from megatie.tying.policies import budget_split, roots_within_budget
 from megatie.tying.relax import DELTA_U, slot_part
 from megatie.tying.tie_map import state_from_action
 
@@ -193,12 +193,13 @@ def test_budget_with_deltas_in_a_real_model():
 
 
 @pytest.mark.parametrize("text,want", [("none", ""), ("norms", "norms"), ("lora:8", "lora:8"),
-                                       ("lora:4,norms", "norms,lora:4")])
+                                       ("lora:4,norms", "norms,lora:4"), ("lora:auto", "lora:auto"),
+                                       ("lora:auto,norms", "norms,lora:auto")])
 def test_relax_spec(text, want):
     assert str(parse_relax(text)) == (want or "none")
 
 
-@pytest.mark.parametrize("text", ["lora:0", "lora:x", "lora", "norm", "lora:-2"])
+@pytest.mark.parametrize("text", ["lora:0", "lora:x", "lora", "norm", "lora:-2", "lora:auto,lora:4"])
 def test_bad_relax_spec_is_one_clear_error(text):
     with pytest.raises(ValueError, match="--tie-relax"):
         parse_relax(text)
@@ -237,9 +238,49 @@ def test_compact_export_keeps_roots_deltas_and_private_tensors(tmp_path):
     (["--tie-relax", "lora:0"], "--tie-relax"),
     (["--tie-relax", "norms", "--tie-mode", "frozen-replica", "--tie-policy", "alternate"], "shared"),
     (["--tie-keep-unique", "both", "--n-layer", "3"], "leaves 1 block"),
+    (["--tie-relax", "lora:auto", "--tie-policy", "alternate"], "lora:auto .*split"),
 ])
 def test_bad_relax_flags_are_refused_by_the_config(flags, needle):
     from megatie.tools.train_cli import build_parser, config_from_args
 
     with pytest.raises(ConfigError, match=needle):
         config_from_args(build_parser().parse_args(["--train-file", "x.txt", *flags])).resolved()
+
+
+def test_auto_rank_spends_what_whole_roots_leave():
+    # 12 blocks of 100, 400 outside (conventional 1600), members cost 4 (norms) plus 3 per rank. Budget 0.6
+    # (960): roots first, (960 - 400 - 12 x 4) // 96 = 5; the rest, 960 - 400 - 500 - 7 x 4 = 32, buys
+    # 7 members rank 32 // 21 = 1. The default budget is a third, kept exactly: 1 root (affordable
+    # (533.3 - 400 - 48) // 96 = 0) and no rank left; a rank past the deltas' full rank is never bought.
+    assert budget_split(0.6, 1600, 100, 12, 4, 3, max_rank=64) == (5, 1)
+    assert budget_split(None, 1600, 100, 12, 4, 3, max_rank=64) == (1, 0)
+    assert budget_split(0.9, 1600, 100, 12, 0, 1, max_rank=64) == (10, 20)  # 1440 - 400 - 1000 = 40, 2 members
+    assert budget_split(0.9, 1600, 100, 12, 0, 1, max_rank=8) == (10, 8)
+    with pytest.raises(ConfigError, match="cannot pay"):
+        budget_split(0.2, 1600, 100, 12, 4, 3, max_rank=64)
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_auto_rank_keeps_the_budget_exactly_in_a_real_model(budget):
+    """The final structure (the most expensive a split run passes through) fits the budget, and one rank
+    more would not: the budget is kept to within one rank of every member's deltas."""
+    model = tiny_model("gpt2", n_layer=12)
+    tying = LayerTying(model, relax="norms,lora:auto")
+    conventional, n = tying.untied_parameter_count(), tying.num_blocks
+    roots, rank = budget_split(budget, conventional, tying.block_numel(), n, tying.member_numel(),
+                               tying.delta_numel_per_rank(), tying.full_delta_rank())
+    assert rank > 0 and roots >= 1
+    tying.fix_delta_rank(rank)
+    assert str(tying.relax) == f"norms,lora:{rank}"
+    with pytest.raises(RuntimeError, match="once"):
+        tying.fix_delta_rank(rank)
+    tying.initialize([0] * (n - roots + 1) + list(range(n - roots + 1, n)))
+    trainable, _ = count_parameters(model)
+    share = (budget or 1 / 3) * conventional
+    assert trainable <= share < trainable + (n - roots) * tying.delta_numel_per_rank()
+
+
+def test_unresolved_auto_rank_makes_no_tie():
+    tying = LayerTying(tiny_model("gpt2", n_layer=3), relax="lora:auto")
+    with pytest.raises(RuntimeError, match="lora:auto"):
+        tying.initialize([0, 0, 0])

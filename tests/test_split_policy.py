@@ -4,6 +4,7 @@ splits follow the gradients and only ever split, and its parameter budget is nev
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -188,4 +189,22 @@ def test_a_split_run_respects_its_budget_and_resumes_exactly(tmp_path, cache_dir
     resumed = Trainer(base(tmp_path / "parts", cache_dir, param_budget=0.6, resume="auto"))
     again = resumed.train()
     assert again["final_state"] == summary["final_state"]
+    assert again["rank_param_checksums"] == summary["rank_param_checksums"]
+
+
+def test_auto_rank_is_a_recorded_fact_within_the_default_budget_and_resumes(tmp_path, cache_dir):
+    """``--tie-relax lora:auto``: the rank the default third pays for after whole roots is recorded as
+    ``lora:R`` (config.json and the checkpoints, so export and resume rebuild the same model); the run never
+    exceeds a third of conventional's parameters, and a resumed run ends where an unbroken one does."""
+    whole = Trainer(base(tmp_path / "whole", cache_dir, tie_relax="lora:auto", n_embd=64))
+    summary = whole.train()
+    record = json.loads((tmp_path / "whole" / "config.json").read_text())
+    rank = int(record["tie_relax"].split(":")[1])
+    assert record["resolved"]["tie_relax"] == record["tie_relax"] and rank >= 1
+    assert max(d["trainable_params"] for d in whole.controller.history) <= summary["conventional_trainable_params"] / 3
+    members = 6 - summary["final_independent_layers"]
+    slack = members * whole.tying.delta_numel_per_rank()  # one more rank for every member
+    assert summary["final_trainable_params"] > summary["conventional_trainable_params"] / 3 - slack
+    Trainer(base(tmp_path / "parts", cache_dir, tie_relax="lora:auto", n_embd=64)).train(until=12)
+    again = Trainer(base(tmp_path / "parts", cache_dir, tie_relax="lora:auto", n_embd=64, resume="auto")).train()
     assert again["rank_param_checksums"] == summary["rank_param_checksums"]

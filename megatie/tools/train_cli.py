@@ -133,7 +133,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           "and at least two independent blocks where a third cannot pay for them)")
     tie.add_argument("--tie-relax", default=d.tie_relax, metavar="KINDS",
                      help="what a tied position keeps of its own: none, norms (norm parameters and biases), "
-                          "lora:R (a rank-R delta on each tied weight matrix), or norms,lora:R")
+                          "lora:R (a rank-R delta on each tied weight matrix), lora:auto (split: the rank the "
+                          "parameter budget pays for after whole blocks, which keeps the budget exactly), or "
+                          "norms with either")
     tie.add_argument("--tie-parts", default=d.tie_parts, choices=options.TIE_PARTS,
                      help="which part of a block is tied: all, attention only, or the MLP only")
     tie.add_argument("--tie-keep-unique", default=d.tie_keep_unique, choices=options.KEEP_UNIQUE,

@@ -106,7 +106,8 @@ class LayerTying:
             raise ConfigError(f"--tie-keep-unique {keep_unique} leaves no block of {len(all_blocks)} to tie")
         self.slots, shapes = self._discover_slots()
         self.private = private_slots(self.slots, shapes, self.relax, parts)
-        self.delta_slots = [k for k, (_, name) in enumerate(self.slots) if self.relax.rank and not self.private[k]
+        self.delta_slots = [k for k, (_, name) in enumerate(self.slots)
+                            if (self.relax.rank or self.relax.auto) and not self.private[k]
                             and len(shapes[k]) == 2 and supports_delta(self._slot_module(0, k), name)]
         self.state: list[int] = list(range(self.num_blocks))
         self.frozen: set[int] = set()
@@ -225,6 +226,8 @@ class LayerTying:
     def _new_deltas(self, block: int, own: list[torch.Tensor] | None, root: list[torch.Tensor]) -> dict[int, tuple]:
         """Block ``block``'s deltas against its new root's tensors ``root``; ``own``: what it computed with
         before, where it trained (None: zero deltas)."""
+        if self.relax.auto:
+            raise RuntimeError("--tie-relax lora:auto is resolved (fix_delta_rank) before any tie is made")
         self._ties_made += 1
         return {k: new_delta(None if own is None else own[k], root[k], self.relax.rank, self.seed,
                              (block, k, self._ties_made)) for k in self.delta_slots}
@@ -328,6 +331,24 @@ class LayerTying:
         tensors = self.block_tensors(0)
         private = sum(t.numel() for t, own in zip(tensors, self.private) if own)
         return private + sum(self.relax.rank * sum(tensors[k].shape) for k in self.delta_slots)
+
+    def delta_numel_per_rank(self) -> int:
+        """Elements one rank of a member's deltas costs (``U`` and ``V`` on every delta slot)."""
+        tensors = self.block_tensors(0)
+        return sum(sum(tensors[k].shape) for k in self.delta_slots)
+
+    def full_delta_rank(self) -> int:
+        """The rank past which a delta can represent nothing more (the smallest side of a delta slot)."""
+        tensors = self.block_tensors(0)
+        return min((min(tensors[k].shape) for k in self.delta_slots), default=0)
+
+    def fix_delta_rank(self, rank: int) -> None:
+        """Resolve ``lora:auto`` to rank ``rank`` (0: no deltas), before any tie is made."""
+        if not self.relax.auto or self._deltas or self._ties_made:
+            raise RuntimeError("fix_delta_rank resolves lora:auto once, before any tie is made")
+        self.relax = self.relax.with_rank(rank)
+        if rank == 0:
+            self.delta_slots = []
 
     def num_independent(self) -> int:
         return num_independent(self.state)

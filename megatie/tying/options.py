@@ -81,29 +81,42 @@ KEEP_UNIQUE = ("none", "first", "last", "both")
 @dataclass(frozen=True)
 class Relax:
     """``--tie-relax``: ``norms`` keeps every norm parameter and bias per position while the weight matrices
-    are tied; ``lora:R`` gives each tied position a rank-R delta on each tied weight matrix."""
+    are tied; ``lora:R`` gives each tied position a rank-R delta on each tied weight matrix; ``lora:auto``
+    lets ``split``'s parameter budget choose R (``megatie.tying.policies.budget_split``), resolved once the
+    model is built and recorded as ``lora:R``."""
     norms: bool = False
     rank: int = 0
+    auto: bool = False
 
     @property
     def any(self) -> bool:
-        return self.norms or self.rank > 0
+        return self.norms or self.rank > 0 or self.auto
+
+    def with_rank(self, rank: int) -> Relax:
+        """``lora:auto`` resolved: the rank the budget pays for (0: no deltas)."""
+        return Relax(self.norms, rank)
 
     def __str__(self) -> str:
-        parts = (["norms"] if self.norms else []) + ([f"lora:{self.rank}"] if self.rank else [])
-        return ",".join(parts) or "none"
+        lora = ["lora:auto"] if self.auto else [f"lora:{self.rank}"] if self.rank else []
+        return ",".join((["norms"] if self.norms else []) + lora) or "none"
 
 
 def parse_relax(text: str | None) -> Relax:
-    """``none``, ``norms``, ``lora:R`` or both, comma-separated; a ``ValueError`` naming the bad part."""
-    norms, rank = False, 0
+    """``none``, ``norms``, ``lora:R``, ``lora:auto`` or ``norms`` with one of them, comma-separated; a
+    ``ValueError`` naming the bad part."""
+    norms, rank, auto = False, 0, False
     for item in (p.strip() for p in str(text or "none").split(",")):
         if item in ("", "none"):
             continue
         if item == "norms":
             norms = True
+        elif item == "lora:auto":
+            auto = True
         elif item.startswith("lora:") and item[5:].isdigit() and int(item[5:]) > 0:
             rank = int(item[5:])
         else:
-            raise ValueError(f"--tie-relax: {item!r} is not one of none, norms, lora:R (R a positive integer)")
-    return Relax(norms, rank)
+            raise ValueError(f"--tie-relax: {item!r} is not one of none, norms, lora:R (R a positive integer), "
+                             "lora:auto")
+    if auto and rank:
+        raise ValueError("--tie-relax: give lora:R or lora:auto, not both")
+    return Relax(norms, rank, auto)

@@ -320,3 +320,27 @@ def roots_within_budget(budget: float | None, conventional: int, per_block: int,
         raise ConfigError(f"--param-budget {budget} cannot pay for one block: the layers outside the blocks "
                           f"alone are {outside / conventional:.2f} of conventional's trainable parameters")
     return roots
+
+
+def budget_split(budget: float | None, conventional: int, per_block: int, num_blocks: int, per_member: int,
+                 per_rank: int, max_rank: int) -> tuple[int, int]:
+    """``split`` with ``--tie-relax lora:auto``: (independent blocks, delta rank) that keep the trainable
+    parameters within ``budget`` (default: a third, kept exactly) of conventional's.
+
+    Whole roots first, as many as the budget pays for with rank-0 members (at least one); what is left
+    buys every member a delta of the largest rank it pays for (``per_rank`` elements per member per rank,
+    at most ``max_rank``). The final structure is the most expensive one a run passes through: a member
+    costs less than a root, because the rest after the roots is less than one more root. Where the
+    embeddings alone exceed the default third, one root and no deltas is the least ``split`` can train."""
+    share = DEFAULT_PARAM_BUDGET if budget is None else budget
+    outside = conventional - num_blocks * per_block
+    if budget is None:
+        affordable = int((share * conventional - outside - num_blocks * per_member) // (per_block - per_member))
+        roots = min(num_blocks, max(1, affordable))
+    else:
+        roots = roots_within_budget(budget, conventional, per_block, num_blocks, per_member)
+    members = num_blocks - roots
+    left = share * conventional - outside - roots * per_block - members * per_member
+    if not members or per_rank <= 0 or left <= 0:
+        return roots, 0
+    return roots, min(max_rank, int(left // (members * per_rank)))
