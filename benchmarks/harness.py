@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)
 # What each variant passes to the launcher: the paper's agent ("megatie"), the default policy, and the
 # default with rank-8 deltas on every tied position (relaxed ties: their parameters and moments count too).
 POLICY = {"conventional": ["--tie-policy", "conventional"], "megatie": ["--tie-policy", "qlearning"],
-          "split": ["--tie-policy", "split"], "split-lora8": ["--tie-policy", "split", "--tie-relax", "lora:8"]}
+          "split": ["--tie-policy", "split"], "split-lora8": ["--tie-policy", "split", "--tie-relax", "lora:8"],
+          "split-auto": ["--tie-policy", "split", "--tie-relax", "lora:auto"]}
 SHAPE_FLAGS = ("n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size", "max_steps", "tie_every")
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -62,12 +62,14 @@ def corpus_table(opts, rows: list[str], corpus_dir: str) -> dict[str, dict]:
     return table
 
 
-def choose_default(tables: dict[str, dict], choosing: list[str], budget: float) -> tuple[str | None, dict]:
-    """The row with the smallest worst-case PPL ratio over ``choosing``, among rows within ``budget``."""
+def choose_default(tables: dict[str, dict], choosing: list[str], budget: float,
+                   untied: frozenset[str] = frozenset({"conventional"})) -> tuple[str | None, dict]:
+    """The row with the smallest worst-case PPL ratio over ``choosing``, among the tying rows (not those in
+    ``untied``: conventional and the plain smaller models it is compared with) within ``budget``."""
     worst = {}
     for row in {r for name in choosing for r in tables.get(name, {})}:
         cells = [tables.get(name, {}).get(row) for name in choosing]
-        if any(c is None or c["ppl_ratio"] is None for c in cells) or row == "conventional":
+        if any(c is None or c["ppl_ratio"] is None for c in cells) or row in untied:
             continue
         if all(c["param_ratio"] <= budget + 1e-9 for c in cells):
             worst[row] = max(c["ppl_ratio"] for c in cells)
@@ -106,7 +108,7 @@ def markdown(tables, rows, corpora, kept_aside, budget, default, worst) -> str:
         name = f"**{row}**" if row == default else row
         counts = "-" if not seeds else str(min(seeds)) if min(seeds) == max(seeds) else f"{min(seeds)}-{max(seeds)}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {worst_cell} | {counts} |")
-    verdict = (f"Default by the worst choosing corpus among rows within {budget:.2f}x of conventional's trainable "
+    verdict = (f"Default by the worst choosing corpus among the tying rows within {budget:.2f}x of conventional's trainable "
                f"parameters: **{default}** (worst ratios: "
                + ", ".join(f"{r} {v:.3f}x" for r, v in sorted(worst.items(), key=lambda kv: kv[1])) + ")."
                if default else "No row within the budget ran on every choosing corpus.")
@@ -172,7 +174,7 @@ def main(opts, rows: list[str], command, full_corpus_tokenizer) -> int:
         run_jobs(jobs, opts.jobs)
     tables = {c.name: corpus_table(opts, rows, os.path.join(opts.out_dir, c.name)) for c in corpora}
     choosing = [n for n in names if n not in opts.kept_aside]
-    default, worst = choose_default(tables, choosing, opts.budget)
+    default, worst = choose_default(tables, choosing, opts.budget, frozenset(opts.untied_rows))
     md = markdown(tables, rows, names, opts.kept_aside, opts.budget, default, worst)
     base = os.path.join(opts.out_dir, f"corpora_{opts.regime}")
     with open(base + ".md", "w", encoding="utf-8") as f:

@@ -387,6 +387,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     opts, rows = parse(argv)
+    # Rows that train a plain model (conventional, the smaller untied ones) are compared with, never chosen.
+    opts.untied_rows = [r for r in ROWS if ROWS[r][0][:2] == ["--tie-policy", "conventional"]]
     if opts.corpora:
         from multi_corpus import main as multi_corpus_main
 

@@ -224,3 +224,4 @@ def test_deep_regime_uses_its_preset_and_compares_smaller_shapes_with_convention
     assert rep.main(args) == 0
     cell = json.load(open(tmp_path / "out" / "corpora_deep.json"))["tables"]["one"]["untied-2x56"]
     assert cell["param_ratio"] == pytest.approx(113 / 341) and cell["ppl_ratio"] == pytest.approx(1.1)
+    assert json.load(open(tmp_path / "out" / "corpora_deep.json"))["default"] is None  # a plain model is no policy
