@@ -53,7 +53,7 @@ from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
 from megatie.tying.layers import count_parameters, tying_for
 from megatie.tying.options import POLICIES
-from megatie.tying.policies import budget_split, roots_within_budget
+from megatie.tying.policies import resolve_auto_rank, roots_within_budget
 from megatie.tying.registry import build_policy, load_reference_run, policy_depth
 from megatie.tying.tie_map import num_independent
 
@@ -213,12 +213,8 @@ class Trainer:
     def _resolve_delta_rank(self) -> int:
         """``lora:auto``: the roots and delta rank the budget pays for; the rank is a fact of the run
         (``lora:R`` in config.json and the checkpoints), the roots go to ``split``."""
-        tying = self.tying
-        roots, rank = budget_split(self.cfg.tying.param_budget, tying.untied_parameter_count(), tying.block_numel(),
-                                   tying.num_blocks, tying.member_numel(), tying.delta_numel_per_rank(),
-                                   tying.full_delta_rank())
-        tying.fix_delta_rank(rank)
-        self.facts = dataclasses.replace(self.facts, tie_relax=str(tying.relax))
+        roots = resolve_auto_rank(self.tying, self.cfg.tying.param_budget)
+        self.facts = dataclasses.replace(self.facts, tie_relax=str(self.tying.relax))
         self.settings = recorded_settings(self.cfg, self.facts)
         return roots
 

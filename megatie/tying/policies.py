@@ -344,3 +344,11 @@ def budget_split(budget: float | None, conventional: int, per_block: int, num_bl
     if not members or per_rank <= 0 or left <= 0:
         return roots, 0
     return roots, min(max_rank, int(left // (members * per_rank)))
+
+
+def resolve_auto_rank(tying, budget: float | None) -> int:
+    """Fix ``tying``'s ``lora:auto`` to the rank ``budget`` pays for (``budget_split``); the roots it leaves."""
+    roots, rank = budget_split(budget, tying.untied_parameter_count(), tying.block_numel(), tying.num_blocks,
+                               tying.member_numel(), tying.delta_numel_per_rank(), tying.full_delta_rank())
+    tying.fix_delta_rank(rank)
+    return roots
