@@ -61,7 +61,7 @@ def variant_names(results: dict) -> list[str]:
 
 
 def print_table(results: dict) -> None:
-    mb, gpu = 2 ** 20, results["megatie"]["device"].startswith("cuda")
+    mb, gpu = 2 ** 20, results["conventional"]["device"].startswith("cuda")
     cols = (("peak alloc MB", "peak_memory_bytes"), ("peak reserved MB", "peak_reserved_bytes"),
             ("NVML peak MB", "peak_sampled_bytes"), ("NVML avg MB", "avg_memory_bytes")) if gpu else (
         ("peak RSS MB", "peak_memory_bytes"), ("avg RSS MB", "avg_memory_bytes"),
