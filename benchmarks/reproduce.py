@@ -115,6 +115,16 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "split-lr4e-3": (["--tie-policy", "split", "--lr", "4e-3"], "split at a learning rate of 4e-3"),
     "split-auto": (["--tie-policy", "split", "--tie-relax", "lora:auto"],
                    "split keeping the budget exactly: whole roots first, the rest on the deltas' rank"),
+    # At 8e-3 with 100 warm-up steps one seed in three (1235) stalled on WikiText-2 for every row with
+    # three or more positions per root (all-tied-lora4 33.15, alternate-56 30.24, untied 2x56 17.68); 400
+    # warm-up steps let that seed train at 8e-3 (15.36 on 48 test batches; at 4e-3: 17.05). The rows
+    # below ask whether the longer warm-up also changes the models it is compared with.
+    "split-auto-wu400": (["--tie-policy", "split", "--tie-relax", "lora:auto", "--warmup-steps", "400"],
+                         "split-auto warmed up over 400 steps"),
+    "conventional-wu400": (["--tie-policy", "conventional", "--warmup-steps", "400"],
+                           "conventional warmed up over 400 steps"),
+    "untied-2x56-wu400": (["--tie-policy", "conventional", "--n-layer", "2", "--n-embd", "56", "--warmup-steps", "400"],
+                          "untied-2x56 warmed up over 400 steps"),
     "untied-3": (["--tie-policy", "conventional", "--n-layer", "3"], "a plain model of three blocks"),
     # Schedules without learning.
     "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),

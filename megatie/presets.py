@@ -8,10 +8,11 @@ from __future__ import annotations
 
 # Model shapes and the run length that suits them. `tiny` is sized for a CPU: a 60-step run takes
 # about a minute on two cores. `deep` is the smallest shape found where depth pays on a CPU: with a
-# SentencePiece vocabulary of 512 (the blocks hold 88% of the parameters) and a high learning rate,
-# 6 blocks of d=64 beat every untied model with a third of their parameters by 11-17% perplexity on
-# WikiText-2 in 1800 steps (~5 min on one core; benchmarks/RESULTS.md). `paper` is the paper's GPT-2
-# (48 blocks, d=1600, 16 heads).
+# SentencePiece vocabulary of 512 (the blocks hold 88% of the parameters) and conventional's best
+# learning rate, 6 blocks of d=64 beat the best untied model with a third of their parameters by 5.3%
+# test perplexity on WikiText-2 in 1800 steps (3 seeds; ~5 min on one core), by less on other text
+# (benchmarks/RESULTS.md). Roots shared by three or more positions may stall at this rate with the
+# default warm-up: give them --warmup-steps 400. `paper` is the paper's GPT-2 (48 blocks, d=1600).
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=12, n_embd=128, n_head=4, seq_len=128, batch_size=8, lr=6e-4, max_steps=300,
                  vocab_size=4096),
