@@ -123,9 +123,9 @@ def pareto_figure(tables, corpora, kept_aside, path: str) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     rows = sorted({r for t in tables.values() for r in t})
-    # tab20 without its greys (indices 14, 15): grey draws the corpus legend's shapes.
-    palette = [plt.cm.tab20(i) for i in range(20) if i not in (14, 15)]
-    colours = {r: palette[(2 * i) % 18 if i < 9 else (2 * i + 1) % 18] for i, r in enumerate(rows)}
+    # tab20's dark shades, then its light ones, without its greys (14, 15): grey draws the corpus legend.
+    palette = [plt.cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)] if j not in (14, 15)]
+    colours = {r: palette[i % len(palette)] for i, r in enumerate(rows)}
     markers = "osD^vP*Xh"
     for k, c in enumerate(corpora):
         for row, cell in tables.get(c, {}).items():

@@ -123,8 +123,8 @@ ROWS: dict[str, tuple[list[str], str]] = {
                          "split-auto warmed up over 400 steps"),
     "conventional-wu400": (["--tie-policy", "conventional", "--warmup-steps", "400"],
                            "conventional warmed up over 400 steps"),
-    "untied-2x56-wu400": (["--tie-policy", "conventional", "--n-layer", "2", "--n-embd", "56", "--warmup-steps", "400"],
-                          "untied-2x56 warmed up over 400 steps"),
+    "untied-2x56-wu400": (["--tie-policy", "conventional", "--n-layer", "2", "--n-embd", "56",
+                           "--warmup-steps", "400"], "untied-2x56 warmed up over 400 steps"),
     "untied-3": (["--tie-policy", "conventional", "--n-layer", "3"], "a plain model of three blocks"),
     # Schedules without learning.
     "all-tied": (["--tie-policy", "static", "--static-state", "{zeros}"], "every block shares block 0 throughout"),
