@@ -386,6 +386,10 @@ def _validate_relax(s, info) -> None:
                           f"that spends the budget (split), not {s.tie_policy!r}; give lora:R instead")
     if (relax.any or s.tie_parts != "all") and s.tie_mode != "shared":
         raise ConfigError("--tie-relax and --tie-parts need --tie-mode shared (a frozen replica trains nothing)")
+    if (getattr(s, "deepspeed_config", None) or {}).get("zero_optimization", {}).get("stage") == 3:
+        from megatie.engines.ds_config import check_stage3_settings
+
+        check_stage3_settings(s)
     kept = {"none": 0, "first": 1, "last": 1, "both": 2}[s.tie_keep_unique]
     if kept and info.ties and s.n_layer - kept < 2:
         raise ConfigError(f"--tie-keep-unique {s.tie_keep_unique} leaves {s.n_layer - kept} block(s) to tie; "

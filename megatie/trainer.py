@@ -34,7 +34,7 @@ from megatie.config import (
     recorded_settings,
 )
 from megatie.data.prefetch import StepPrefetcher
-from megatie.engines import build_engine, check_checkpoint_engine
+from megatie.engines import build_engine, check_checkpoint_engine, local_part, whole_weights
 from megatie.engines.speed import prepare_for_speed
 from megatie.errors import CheckpointError, DivergedError
 from megatie.metrics.flops import mfu, model_flops_per_token, peak_flops
@@ -88,6 +88,7 @@ class Trainer:
         self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device, self.facts.vocab_size)
         self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
         self.controller.bind_regroup(lambda plan: self.engine.regroup(plan))  # whichever engine the trainer holds
+        self.tying.clone_partitioned = getattr(self.engine, "clone_partitioned", None)  # ZeRO-3
         if checkpoint is not None:
             # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
             self.engine.load_state_dict({**checkpoint.optimizer_state, "checkpoint_dir": checkpoint.path})
@@ -208,7 +209,8 @@ class Trainer:
         """Each block's gradient on a probe batch (drawn like the reward's), compared pairwise."""
         raw = self.data.random_batch("train", self.cfg.tying.reward_batch_size, self.reward_generator)
         inputs = model_inputs_on(self.objective.train_inputs(raw, self.step, 0, self.rank), self.model, self.device)
-        return block_gradient_gram(self.model, self.tying, inputs)
+        with whole_weights(self.engine):
+            return block_gradient_gram(self.model, self.tying, inputs)
 
     def _resolve_delta_rank(self) -> int:
         """``lora:auto``: the roots and delta rank the budget pays for; the rank is a fact of the run
@@ -363,7 +365,7 @@ class Trainer:
         return losses[-1].value
 
     def _check_finite_weights(self) -> None:
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(local_part(p)).all())]
         if bad:
             raise DivergedError(f"training diverged: {bad[0]} holds non-finite values at step {self.step}; it was "
                                 "not saved. Lower --lr or raise --warmup-steps, then resume with --resume auto "

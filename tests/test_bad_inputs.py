@@ -212,7 +212,9 @@ CHEAP = [
     ("ds-config-a-list", "ds.json", lambda p: _ds_config(p, [1, 2])),
     ("ds-config-sets-batch", "--batch-size", lambda p: _ds_config(p, {"train_batch_size": 8})),
     ("ds-config-sets-optimizer", "--lr", lambda p: _ds_config(p, {"optimizer": {"type": "Adam"}})),
-    ("ds-config-stage-3", "stage", lambda p: _ds_config(p, {"zero_optimization": {"stage": 3}})),
+    ("ds-config-stage-4", "stage", lambda p: _ds_config(p, {"zero_optimization": {"stage": 4}})),
+    ("ds-config-stage-3-frozen-replica", "ZeRO stage 3: a frozen replica",
+     lambda p: _ds_config(p, {"zero_optimization": {"stage": 3}}) + ["--tie-mode", "frozen-replica", "--tie-policy", "alternate"]),
     ("ds-config-both-precisions", "both", lambda p: _ds_config(p, {"bf16": {"enabled": True},
                                                                     "fp16": {"enabled": True}})),
     # Accepted before, and then did something else than asked, or a traceback.

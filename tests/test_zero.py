@@ -435,7 +435,8 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, reference):
     ({"train_micro_batch_size_per_gpu": 2}, "--batch-size"),
     ({"gradient_accumulation_steps": 2}, "--grad-accum"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, "--lr"),
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+    ({"zero_optimization": {"stage": 4}}, "must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both"),
 ])
 def test_bad_ds_config_refused(config, match):

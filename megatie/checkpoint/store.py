@@ -106,9 +106,11 @@ def start_checkpoint_dir(root: str, name: str) -> str:
     return tmp
 
 
-def write_shared_files(tmp: str, model: nn.Module, optimizer_state: dict, trainer_state: dict) -> None:
+def write_shared_files(tmp: str, model: nn.Module, optimizer_state: dict, trainer_state: dict,
+                       weights: dict[str, torch.Tensor] | None = None) -> None:
+    """``weights``: the model's tensors where the model does not hold them whole (ZeRO-3)."""
     try:
-        save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"))
+        save_file(unique_state_dict(model) if weights is None else weights, os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
     except (OSError, RuntimeError, SafetensorError) as e:

@@ -4,7 +4,8 @@ Two peers with one interface - ``train_step(micro_batches) -> loss`` (a 0-dim te
 ``lr``, ``optimizer_state_bytes()``, ``state_dict`` / ``load_state_dict``, ``save_checkpoint``:
 
 - ``TorchEngine``: one process, plain torch AdamW; the reference every other engine is tested against;
-- ``DeepSpeedEngine``: DeepSpeed ZeRO stages 0-2 on any number of ranks.
+- ``DeepSpeedEngine``: DeepSpeed ZeRO stages 0-2 on any number of ranks;
+- ``Zero3Engine``: its stage-3 variant, parameters partitioned too.
 
 ``build_engine`` picks one from the run's config; the trainer, the tests and the benchmarks all build
 engines through it. An optional *observer* sees ``after_backward(engine)`` and, during a regroup,
@@ -12,6 +13,8 @@ after each regroup ``at_regroup_peak(engine, peak_bytes)`` (its measured peak; t
 """
 
 from __future__ import annotations
+
+import contextlib
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -26,14 +29,31 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def whole_weights(engine):
+    """A context in which every parameter is whole on every rank: ZeRO-3 gathers them (the gradient probe
+    reads all blocks at once); elsewhere they already are."""
+    full = getattr(engine, "full_weights", None)
+    return full() if full is not None else contextlib.nullcontext()
+
+
+def local_part(p):
+    """What this rank holds of parameter ``p``: its ZeRO-3 shard, or the parameter itself."""
+    shard = getattr(p, "ds_tensor", None)
+    return p if shard is None else shard
+
+
 def build_engine(model, cfg, device, sync=None, observer=None):
     """The engine ``cfg`` asks for: DeepSpeed when it carries a DeepSpeed config, plain torch otherwise."""
     if cfg.engine.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.uses_deepspeed:
-        from megatie.engines.deepspeed_engine import DeepSpeedEngine
+        from megatie.engines.ds_config import zero_stage_of
         from megatie.runtime.distributed import RankSync
 
+        if zero_stage_of(cfg.engine.deepspeed_config) == 3:
+            from megatie.engines.zero3_engine import Zero3Engine as DeepSpeedEngine
+        else:
+            from megatie.engines.deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(model, cfg, device, sync or RankSync(device=device), observer)
     from megatie.engines.torch_engine import TorchEngine
 

@@ -84,7 +84,7 @@ from megatie.tying.layers import unique_parameters
 # holds the old optimizer's fp32 partition and state, so it must go with the optimizer.
 _DS_PARAM_ATTRS = ("_hp_mapping", "grad_accum", "param_idx_in_group", "_index_in_param_group", "_dp_group",
                    "get_full_hp_param", "get_full_hp_grad", "set_full_hp_param", "set_full_hp_grad",
-                   "load_hp_checkpoint_state")
+                   "load_hp_checkpoint_state", "_z3_optimizer")
 # DeepSpeed's step counters, restored on resume (micro_steps decides its accumulation boundaries).
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -321,6 +321,7 @@ class DeepSpeedEngine:
         tmp = start_checkpoint_dir(root, name) if self.rank == 0 else None
         tmp = self.sync.broadcast(tmp)
         mine = os.path.join(tmp, zero_file(self.rank))
+        weights = self.checkpoint_weights()  # a collective where the weights are partitioned
         try:
             save_zero_slice(self.optimizer, self.rank, mine)
             outcome = (zero_file(self.rank), file_record(mine))
@@ -332,7 +333,7 @@ class DeepSpeedEngine:
         if failed is None:  # every slice written: rank 0's shared files decide, for every rank
             if self.rank == 0:
                 try:
-                    write_shared_files(tmp, self.model, self.state_dict(), trainer_state)
+                    write_shared_files(tmp, self.model, self.state_dict(), trainer_state, weights)
                     seal_checkpoint_dir(tmp, dict(outcomes), step=step, engine="deepspeed",
                                         world_size=self.world_size)
                     replace_dir(tmp, final)
@@ -346,6 +347,10 @@ class DeepSpeedEngine:
                                   "checkpoints written before it are intact")
         self.sync.barrier()
         return final
+
+    def checkpoint_weights(self) -> dict | None:
+        """The weights rank 0 writes (None: the model's own tensors, whole on every rank below stage 3)."""
+        return None
 
     def load_state_dict(self, sd: dict) -> None:
         """Rebuild with the checkpoint's param-group layout, then read this rank's optimizer slice."""

@@ -23,12 +23,15 @@ OWNED_KEYS = {
     "gradient_clipping": "--grad-clip",
 }
 
-ZERO3_REFUSAL = (
-    "ZeRO stage 3 is not supported with layer tying: stage 3 partitions each parameter itself and "
-    "gathers it per module, and tied blocks share parameter objects across modules that ZeRO-3 "
-    "fetches and releases independently; rebuilt parameters lose their ds_id bookkeeping and "
-    "DeepSpeed's per-parameter state setters do not handle unpadded partitions. Use stage 1 or 2 "
-    "(ds_configs/zero2.json, zero2_offload.json for CPU-offloaded optimizer state)")
+# What stage 3 does not do with ties (checked against the run's flags by ``check_stage3_settings``).
+STAGE3_LIMITS = {
+    "tie_mode": ("frozen-replica", "a frozen replica reads its root's weights as plain tensors, which stage 3 keeps "
+                 "only as partitions; use --tie-mode shared"),
+    "tie_relax": ("lora", "low-rank deltas (--tie-relax lora:R) are made and folded from whole weights; use "
+                  "--tie-relax norms, or ZeRO stage 1 or 2 for deltas"),
+    "compile": (True, "torch.compile of blocks whose parameters ZeRO-3 gathers in module hooks is not supported; "
+                "drop --compile"),
+}
 
 
 def _read(source) -> tuple[dict, str]:
@@ -62,13 +65,12 @@ def load_ds_config(source) -> dict:
         raise ConfigError(f"{where}: 'zero_optimization' must be an object")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}")
-    if stage == 3:
-        raise ConfigError(f"{where}: {ZERO3_REFUSAL}")
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if "offload_param" in zero:
-        raise ConfigError(f"{where}: offload_param is a ZeRO-3 feature; use offload_optimizer with stage 1 or 2")
+        raise ConfigError(f"{where}: offload_param (parameters on the host) is not supported with ties; use "
+                          "offload_optimizer")
     if "offload_optimizer" in zero and stage == 0:
-        raise ConfigError(f"{where}: offload_optimizer needs zero_optimization.stage 1 or 2")
+        raise ConfigError(f"{where}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
     _check_types(user, where)
     enabled = [k for k in ("fp16", "bf16") if isinstance(user.get(k), dict) and user[k].get("enabled")]
     if len(enabled) > 1:
@@ -82,8 +84,10 @@ BOOLEANS = {"wall_clock_breakdown", "zero_optimization.overlap_comm", "zero_opti
             "zero_optimization.reduce_scatter", "zero_optimization.allgather_partitions",
             "zero_optimization.round_robin_gradients", "zero_optimization.offload_optimizer.pin_memory"}
 COUNTS = {"steps_per_print", "zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
+          "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_max_live_parameters",
+          "zero_optimization.stage3_max_reuse_distance",
           "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis"}
-NUMBERS = {"fp16.loss_scale", "fp16.min_loss_scale"}
+NUMBERS = {"fp16.loss_scale", "fp16.min_loss_scale", "zero_optimization.stage3_param_persistence_threshold"}
 
 
 def _check_types(user: dict, where: str) -> None:
@@ -110,6 +114,14 @@ def _leaves(tree: dict, prefix: str = ""):
             yield from _leaves(value, path + ".")
         else:
             yield path, value
+
+
+def check_stage3_settings(settings) -> None:
+    """Refuse, in one line, a run's flags (flat names) that ZeRO stage 3 cannot train with ties."""
+    for name, (value, why) in STAGE3_LIMITS.items():
+        have = getattr(settings, name, None)
+        if have == value or (isinstance(have, str) and isinstance(value, str) and value in have):
+            raise ConfigError(f"ZeRO stage 3: {why}")
 
 
 def precision_of(user: dict) -> str:

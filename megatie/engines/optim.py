@@ -21,8 +21,9 @@ from megatie.tying.layers import RegroupPlan, unique_parameters
 
 
 def decay_group(param: torch.Tensor) -> int:
-    """0: weight-decayed (matrices, embeddings), 1: not decayed (biases, norm scales)."""
-    return 0 if param.ndim >= 2 else 1
+    """0: weight-decayed (matrices, embeddings), 1: not decayed (biases, norm scales). A ZeRO-3 parameter's
+    own shape is ``ds_shape`` (its ``data`` is an empty placeholder between uses)."""
+    return 0 if len(getattr(param, "ds_shape", param.shape)) >= 2 else 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -87,6 +87,12 @@ def flat_views(ds_optimizer, rank: int) -> list[FlatView]:
                                 [int(o) for o in ds_optimizer.round_robin_bit16_offsets[i]],
                                 master, rank * size, True))
         return out
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
+        # ZeRO-3: each parameter is partitioned on its own; offsets are within this rank's flat master, and
+        # the stage-3 regroup carries per-parameter slices locally (engines/zero3.py), never by ``ranges``.
+        from megatie.engines.zero3 import shard_views
+
+        return [FlatView(params, offsets, master, 0, False) for params, offsets, master in shard_views(ds_optimizer)]
     if hasattr(ds_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer
         out = []
         for i, master in enumerate(ds_optimizer.fp32_groups_flat_partition):

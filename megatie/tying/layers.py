@@ -121,6 +121,9 @@ class LayerTying:
         self._frozen_params: dict[int, list[nn.Parameter]] = {}
         self._deltas: dict[int, dict[int, tuple[nn.Parameter, nn.Parameter]]] = {}  # member -> slot -> (U, V)
         self._ties_made = 0  # numbers the zero deltas' random streams
+        # Where parameters exist only as per-rank partitions (ZeRO-3), the engine sets this: an untied
+        # block's new tensor is then made from its source's partition alone (engines/zero3.py).
+        self.clone_partitioned = None
         for i in range(self.num_blocks):
             for k in self.delta_slots:
                 self._slot_module(i, k).register_forward_hook(add_delta)
@@ -264,6 +267,10 @@ class LayerTying:
                 source, deltas = self._root_params[old_state[r]], self._deltas.get(r, {})
                 params = list(self._own[r])
                 for k in tied:
+                    if self.clone_partitioned is not None:  # no deltas there (refused at start-up)
+                        params[k] = self.clone_partitioned(source[k])
+                        plan.created.append((params[k], source[k]))
+                        continue
                     params[k] = nn.Parameter(torch.empty_like(source[k]), requires_grad=True)
                     plan.created.append((params[k], source[k]))
                     if k in deltas:

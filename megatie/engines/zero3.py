@@ -1,0 +1,144 @@
+"""ZeRO-3 pieces of a regroup: parameters that exist only as per-rank partitions.
+
+Under stage 3 every parameter is split on its own: rank r holds elements ``[r * s, (r + 1) * s)`` of the
+flattened tensor in ``param.ds_tensor`` (``s = ceil(numel / world)``, the last rank's tail padded), and
+``param.data`` is empty except while a module that uses it runs (DeepSpeed gathers it in the module's
+forward and backward hooks and frees it after). A tied block's modules hold their root's parameter
+object, so the root is gathered for each position that computes with it, and autograd sums every
+position's gradient into it before DeepSpeed's one reduce-scatter per step (measured: stage 3 equals
+the plain torch engine to the bit through regroups, tests/test_zero3.py).
+
+Because the split is per parameter, a tensor's shard on a rank depends on nothing but the tensor and
+the number of ranks. So a regroup never moves data between ranks:
+
+- an untied block's new tensor is born partitioned, its shard a local copy of its source's shard
+  (``partitioned_clone``: no gather, no broadcast; the only full-size allocation is one uninitialised
+  tensor, one at a time, that DeepSpeed's partitioner reads its shard from and frees);
+- a tensor that leaves the model frees its shard (``release_partitioned``);
+- masters and Adam moments move as local copies of each source's slice into its new owner's slice of the
+  rebuilt optimizer's flat buffers (``held_slices`` before the rebuild, ``carry_local`` after).
+
+``gathered_state_dict`` writes a checkpoint's weights: one tensor gathered at a time, kept on rank 0's host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatie.engines.optim import adam_step_tensor
+from megatie.engines.zero_state import MOMENTS, inner_optimizer
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter (its weights live in ``ds_tensor`` shards)."""
+    return hasattr(p, "ds_id") and hasattr(p, "ds_tensor")
+
+
+def _partitioner_of(param: nn.Parameter):
+    """DeepSpeed's ``zero.Init`` object that partitioned ``param`` (the one its bound helpers close over)."""
+    for cell in getattr(param.convert_to_zero_parameters, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "_convert_to_deepspeed_param"):
+            return cell.cell_contents
+    raise RuntimeError("DeepSpeed's ZeRO-3 parameters no longer expose their partitioner; megatie supports "
+                       "the DeepSpeed release setup.py pins")
+
+
+def partitioned_clone(source: nn.Parameter) -> nn.Parameter:
+    """A new trainable ZeRO-3 parameter holding ``source``'s weights, made from this rank's shard alone."""
+    init = _partitioner_of(source)
+    # Only the shape is read before the shard is overwritten: the partitioner copies this rank's part
+    # of it into a fresh shard and frees it.
+    p = nn.Parameter(torch.empty(source.ds_shape, dtype=source.dtype, device=source.ds_tensor.device),
+                     requires_grad=True)
+    init._convert_to_deepspeed_param(p)
+    p.partition()
+    with torch.no_grad():
+        p.ds_tensor.copy_(source.ds_tensor)
+    return p
+
+
+def release_partitioned(p: nn.Parameter) -> None:
+    """Free what a parameter that left the model holds: its shard (a view into the old optimizer's flat
+    buffer, which would otherwise outlive it) and any gathered copy."""
+    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    if getattr(p, "ds_tensor", None) is not None:
+        p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+
+
+def shard_views(ds_optimizer) -> list[tuple[list[nn.Parameter], list[int], torch.Tensor]]:
+    """Per flat fp32 master of a stage-3 optimizer: its parameters, each one's start in it (shards
+    back to back, padding included) and the master itself."""
+    out = []
+    for params, master in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat):
+        offsets, pos = [], 0
+        for p in params:
+            offsets.append(pos)
+            pos += p.partition_numel()
+        out.append((list(params), offsets, master))
+    return out
+
+
+@dataclass
+class HeldSlice:
+    """One parameter's slice of this rank's master and moments (views: they keep the old buffers alive)."""
+
+    step: int
+    tensors: list[torch.Tensor]  # master, then the moments (absent before the first step)
+
+
+def held_slices(ds_optimizer, wanted: set[int]) -> dict[int, HeldSlice]:
+    """The slices of the parameters in ``wanted`` (ids), read from the optimizer before it is released."""
+    inner, out = inner_optimizer(ds_optimizer), {}
+    for params, offsets, master in shard_views(ds_optimizer):
+        state = inner.state.get(master, {})
+        step = state.get("step", 0)
+        step = int(step.item() if isinstance(step, torch.Tensor) else step)
+        flats = [master] + [state[k] for k in MOMENTS if isinstance(state.get(k), torch.Tensor)]
+        for p, at in zip(params, offsets):
+            if id(p) in wanted:
+                n = p.partition_numel()
+                out[id(p)] = HeldSlice(step, [t.view(-1).narrow(0, at, n) for t in flats])
+    return out
+
+
+def carry_local(ds_optimizer, held: dict[int, HeldSlice], source_of: dict[int, int]) -> None:
+    """Write each carried slice into its new owner's place in the rebuilt optimizer (``source_of``: new
+    parameter id -> the id its state comes from). Groups were formed by Adam step, so each flat master
+    has one step; moments are created here, zero where nothing is carried (a tensor that starts fresh)."""
+    inner = inner_optimizer(ds_optimizer)
+    with torch.no_grad():
+        for params, offsets, master in shard_views(ds_optimizer):
+            carried = [(p, at, held[source_of[id(p)]]) for p, at in zip(params, offsets)
+                       if source_of.get(id(p)) in held]
+            for p, at, hs in carried:
+                master.view(-1).narrow(0, at, p.partition_numel()).copy_(hs.tensors[0])
+            stepped = [(p, at, hs) for p, at, hs in carried if len(hs.tensors) > 1]
+            if not stepped:
+                continue
+            moments = {k: torch.zeros_like(master) for k in MOMENTS}
+            for p, at, hs in stepped:
+                for k, src in zip(MOMENTS, hs.tensors[1:]):
+                    moments[k].view(-1).narrow(0, at, p.partition_numel()).copy_(src)
+            inner.state[master] = {"step": adam_step_tensor(stepped[0][2].step, master, inner), **moments}
+
+
+def gathered_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The model's tensors (each distinct one once, under its first name), gathered one at a time on every
+    rank and kept on rank 0's host (None elsewhere): the weights a checkpoint and an export hold."""
+    from deepspeed import zero
+
+    out, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if is_partitioned(tensor):
+            with zero.GatheredParameters([tensor]):
+                if rank == 0:
+                    out[name] = tensor.detach().contiguous().cpu().clone()
+        elif rank == 0:
+            out[name] = tensor.detach().contiguous().cpu()
+    return out if rank == 0 else None
