@@ -99,6 +99,7 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
             summary = trainer.train()
         regroups = [d for d in trainer.controller.history if "regroup_seconds" in d]
         samples = sync.gather(probe.samples if probe else [])
+        held = sync.gather(held_bytes(trainer))
         result = {
             **{k: summary[k] for k in ("peak_memory_bytes", "avg_memory_bytes", "peak_reserved_bytes",
                                        "peak_sampled_bytes", "peak_resets_folded", "memory_source",
@@ -113,7 +114,12 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
             # Measured transient of the worst regroup over one rank's share of the optimizer state after it.
             "max_transient_over_rank_state": max((d["regroup_transient_bytes"] * sync.world_size
                                                   / d["optimizer_state_bytes"] for d in regroups), default=None),
+            "max_regroup_transient_bytes": max((d["regroup_transient_bytes"] for d in regroups), default=None),
+            "max_regroup_excess_bytes": max((d["regroup_excess_bytes"] for d in regroups), default=None),
             "regroup_transient_source": regroups[0]["regroup_transient_source"] if regroups else None,
+            # What one rank holds at the end: its weights (whole, or its ZeRO-3 partitions) and its masters
+            # and moments; the largest of any rank.
+            "rank_weight_bytes": max(w for w, _ in held), "rank_optimizer_bytes": max(o for _, o in held),
             "activation_checkpointing": trainer.cfg.engine.activation_checkpointing,
             "world_size": sync.world_size, "device": str(sync.device),
             "device_name": torch.cuda.get_device_name(sync.device) if sync.device.type == "cuda" else "cpu",
@@ -123,6 +129,21 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
                 json.dump(result, f)
     finally:
         shutdown_distributed()
+
+
+def held_bytes(trainer) -> tuple[int, int]:
+    """(weight bytes, master + moment bytes) this rank holds."""
+    from megatie.engines import local_part
+    from megatie.tying.layers import unique_parameters
+
+    weights = 0
+    for p in unique_parameters(trainer.model):
+        weights += local_part(p).numel() * p.element_size()
+        if local_part(p) is not p:  # ZeRO-3: a tensor kept whole besides its partition (below the threshold)
+            weights += p.numel() * p.element_size()
+    engine = trainer.engine
+    state = engine.optimizer_state_bytes(local=True) if trainer.cfg.uses_deepspeed else engine.optimizer_state_bytes()
+    return weights, int(state)
 
 
 def _port() -> int:

@@ -88,7 +88,7 @@ class Trainer:
         self.speed = prepare_for_speed(self.model, self.tying, cfg, self.device, self.facts.vocab_size)
         self.engine = build_engine(self.model, cfg, self.device, self.sync, observer)
         self.controller.bind_regroup(lambda plan: self.engine.regroup(plan))  # whichever engine the trainer holds
-        self.tying.clone_partitioned = getattr(self.engine, "clone_partitioned", None)  # ZeRO-3
+        self.tying.partitioned = getattr(self.engine, "partitioned_tensors", None)  # ZeRO-3
         if checkpoint is not None:
             # A DeepSpeed engine loads its own slice of the optimizer state from the checkpoint directory.
             self.engine.load_state_dict({**checkpoint.optimizer_state, "checkpoint_dir": checkpoint.path})

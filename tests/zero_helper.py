@@ -242,8 +242,18 @@ def _train_and_record(cfg, sync) -> None:
     losses = record_losses(trainer)
     own_grams = record_own_grams(trainer)
     summary = trainer.train()
+    from megatie.engines import local_part, whole_weights
+
+    with whole_weights(trainer.engine):  # ZeRO-3: every rank assembles the whole model to hash it
+        digest = weights_hash(trainer.model)
+    held = [local_part(p) for p in trainer.model.parameters()]
     result = {"rank": sync.rank, "world_size": sync.world_size, "losses": losses,
-              "hash": weights_hash(trainer.model), "hooks": trainer.engine.grad_hook_counts(),
+              "hash": digest, "hooks": trainer.engine.grad_hook_counts(),
+              # What this rank holds of the weights and of the optimizer state, in elements and bytes
+              "held_weight_numel": sum(t.numel() for t in held), "model_numel": sum(
+                  getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()),
+              "held_state_bytes": sum(t.numel() * t.element_size() for t in held)
+              + trainer.engine.optimizer_state_bytes(local=True) if trainer.cfg.uses_deepspeed else None,
               "regroups": trainer.engine.regroups, "decisions": trainer.controller.history, "own_grams": own_grams,
               "summary": summary}
     out = os.environ.get("MEGATIE_TEST_OUT", cfg.run.out_dir)

@@ -97,14 +97,32 @@ def rebuild_quietly():
     regroup: the allocator would return and re-request every cached block."""
     import deepspeed.runtime.bf16_optimizer as bf16_optimizer
     import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+    import deepspeed.runtime.zero.utils as zero_utils
 
-    saved = (stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage)
+    saved = (stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc)
     stage_1_and_2.empty_cache = lambda: None
     bf16_optimizer.see_memory_usage = lambda *args, **kwargs: None
+    # ZeRO-3's defragment runs a full gc.collect() (0.3 s with a large heap): megatie drops the old
+    # buffers by reference, so there is nothing for it to find.
+    zero_utils.gc = _NoCollect
     try:
         yield
     finally:
-        stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage = saved
+        stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc = saved
+
+
+class _NoCollect:
+    @staticmethod
+    def collect(*args, **kwargs) -> int:
+        return 0
+
+
+class _NamesByParam(dict):
+    """``{parameter: name}`` for DeepSpeed, with a short repr: ZeRO-3's constructor formats its arguments
+    into a debug string whether or not it prints it, and a repr of every parameter costs 0.1 s a rebuild."""
+
+    def __repr__(self) -> str:
+        return f"<names of {len(self)} parameters>"
 
 
 class DeepSpeedEngine:
@@ -176,7 +194,7 @@ class DeepSpeedEngine:
 
         e = self.engine
         optimizer, scheduler = self._optimizer_for(groups)
-        e.param_names = {p: n for n, p in self.model.named_parameters()}  # new tensors need their names
+        e.param_names = _NamesByParam((p, n) for n, p in self.model.named_parameters())  # new tensors need names
         with rebuild_quietly(), flatten_where_room(get_accelerator()), lean_rebuild(unstash):
             e._configure_optimizer(optimizer, [p for _, params in groups for p in params])
         torch_flatten_again(e.optimizer)
@@ -239,9 +257,14 @@ class DeepSpeedEngine:
         if self.observer is not None:
             self.observer.at_regroup_peak(self, meter.start_bytes + meter.peak_bytes)
         self.regroups += 1
-        per_rank = self.sync.gather((seconds, meter.peak_bytes, staged, self.optimizer_state_bytes(local=True)))
+        # Excess: how far the peak rose above the higher of the levels before and after (the rest of the
+        # rise is state that stays, such as that of blocks starting to train).
+        excess = meter.peak_bytes - max(0, meter.end_bytes)
+        per_rank = self.sync.gather((seconds, meter.peak_bytes, staged, self.optimizer_state_bytes(local=True),
+                                     excess))
         return {"regroup_seconds": max(r[0] for r in per_rank),
                 "regroup_transient_bytes": max(r[1] for r in per_rank),
+                "regroup_excess_bytes": max(r[4] for r in per_rank),
                 "regroup_transient_source": meter.source,
                 "regroup_staging_bytes": max(r[2] for r in per_rank),
                 "optimizer_state_bytes": sum(r[3] for r in per_rank)}

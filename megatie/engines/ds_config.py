@@ -27,8 +27,6 @@ OWNED_KEYS = {
 STAGE3_LIMITS = {
     "tie_mode": ("frozen-replica", "a frozen replica reads its root's weights as plain tensors, which stage 3 keeps "
                  "only as partitions; use --tie-mode shared"),
-    "tie_relax": ("lora", "low-rank deltas (--tie-relax lora:R) are made and folded from whole weights; use "
-                  "--tie-relax norms, or ZeRO stage 1 or 2 for deltas"),
     "compile": (True, "torch.compile of blocks whose parameters ZeRO-3 gathers in module hooks is not supported; "
                 "drop --compile"),
 }

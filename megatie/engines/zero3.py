@@ -60,6 +60,43 @@ def partitioned_clone(source: nn.Parameter) -> nn.Parameter:
     return p
 
 
+class PartitionedTensors:
+    """What ``LayerTying`` needs to make and read tensors that exist only as partitions (its ``partitioned``):
+
+    - ``clone(source, delta)``: an untied block's new tensor from its source's local partition, a member's
+      delta ``U @ V`` folded in (its shard of the product: the delta's factors are gathered, one slot at a
+      time);
+    - ``whole(tensors)``: a context in which ``tensors`` are whole on every rank (a new delta is the SVD of
+      what a position computed with minus its new root: one slot at a time);
+    - ``adopt(params)``: make new whole tensors (deltas) partitioned parameters, rank 0's values on every rank.
+    """
+
+    def __init__(self, anchor: nn.Parameter):
+        self.anchor = anchor  # any ZeRO-3 parameter of the model: its partitioner makes the new ones
+
+    def clone(self, source: nn.Parameter, delta: tuple | None = None) -> nn.Parameter:
+        p = partitioned_clone(source)
+        if delta is not None:
+            with self.whole(delta), torch.no_grad():
+                product = (delta[0].float() @ delta[1].float()).view(-1)
+                shard = p.ds_tensor.view(-1)
+                start = p.ds_zero_partition_rank * shard.numel()
+                n = max(0, min(shard.numel(), product.numel() - start))
+                shard[:n] = (shard[:n].float() + product[start:start + n]).to(shard.dtype)  # as effective_weight
+        return p
+
+    def whole(self, tensors):
+        from deepspeed import zero
+
+        unique = {id(t): t for t in tensors if is_partitioned(t)}
+        return zero.GatheredParameters(list(unique.values()))
+
+    def adopt(self, params) -> None:
+        init = _partitioner_of(self.anchor)
+        for p in params:
+            init._zero_init_param(p)
+
+
 def release_partitioned(p: nn.Parameter) -> None:
     """Free what a parameter that left the model holds: its shard (a view into the old optimizer's flat
     buffer, which would otherwise outlive it) and any gathered copy."""
@@ -86,7 +123,7 @@ class HeldSlice:
     """One parameter's slice of this rank's master and moments (views: they keep the old buffers alive)."""
 
     step: int
-    tensors: list[torch.Tensor]  # master, then the moments (absent before the first step)
+    tensors: list[torch.Tensor | None]  # master (None: it is the weights), then the moments (once stepped)
 
 
 def held_slices(ds_optimizer, wanted: set[int]) -> dict[int, HeldSlice]:
@@ -96,33 +133,45 @@ def held_slices(ds_optimizer, wanted: set[int]) -> dict[int, HeldSlice]:
         state = inner.state.get(master, {})
         step = state.get("step", 0)
         step = int(step.item() if isinstance(step, torch.Tensor) else step)
-        flats = [master] + [state[k] for k in MOMENTS if isinstance(state.get(k), torch.Tensor)]
+        # In fp32 training the weights are the masters' exact copies (each step copies one into the other)
+        # and the rebuilt optimizer makes its masters from the weights: holding the old masters would only
+        # keep them alive beside the new ones.
+        exact = bool(params) and master.dtype == params[0].ds_tensor.dtype
+        flats = [None if exact else master] + [state[k] for k in MOMENTS if isinstance(state.get(k), torch.Tensor)]
         for p, at in zip(params, offsets):
             if id(p) in wanted:
                 n = p.partition_numel()
-                out[id(p)] = HeldSlice(step, [t.view(-1).narrow(0, at, n) for t in flats])
+                out[id(p)] = HeldSlice(step, [None if t is None else t.view(-1).narrow(0, at, n) for t in flats])
     return out
 
 
 def carry_local(ds_optimizer, held: dict[int, HeldSlice], source_of: dict[int, int]) -> None:
     """Write each carried slice into its new owner's place in the rebuilt optimizer (``source_of``: new
-    parameter id -> the id its state comes from). Groups were formed by Adam step, so each flat master
-    has one step; moments are created here, zero where nothing is carried (a tensor that starts fresh)."""
+    parameter id -> the id its state comes from). One kind at a time - masters, then each moment - and
+    the old buffer of a kind is let go (its views dropped) before the next kind's new buffer is made: a
+    rank's rise stays about one weight share above where it began. Groups were formed by Adam step, so
+    each flat master has one step; moments are zero where nothing is carried (a tensor starting fresh)."""
     inner = inner_optimizer(ds_optimizer)
+    views = shard_views(ds_optimizer)
+    placed = [[(at, p.partition_numel(), held[source_of[id(p)]]) for p, at in zip(params, offsets)
+               if source_of.get(id(p)) in held] for params, offsets, _ in views]
     with torch.no_grad():
-        for params, offsets, master in shard_views(ds_optimizer):
-            carried = [(p, at, held[source_of[id(p)]]) for p, at in zip(params, offsets)
-                       if source_of.get(id(p)) in held]
-            for p, at, hs in carried:
-                master.view(-1).narrow(0, at, p.partition_numel()).copy_(hs.tensors[0])
-            stepped = [(p, at, hs) for p, at, hs in carried if len(hs.tensors) > 1]
-            if not stepped:
-                continue
-            moments = {k: torch.zeros_like(master) for k in MOMENTS}
-            for p, at, hs in stepped:
-                for k, src in zip(MOMENTS, hs.tensors[1:]):
-                    moments[k].view(-1).narrow(0, at, p.partition_numel()).copy_(src)
-            inner.state[master] = {"step": adam_step_tensor(stepped[0][2].step, master, inner), **moments}
+        for kind in range(1 + len(MOMENTS)):
+            for (_, _, master), carried in zip(views, placed):
+                carried = [c for c in carried if len(c[2].tensors) > kind and c[2].tensors[kind] is not None]
+                if not carried:
+                    continue
+                if kind == 0:
+                    target = master
+                else:
+                    state = inner.state.setdefault(master, {"step": adam_step_tensor(carried[0][2].step, master,
+                                                                                         inner)})
+                    target = state[MOMENTS[kind - 1]] = torch.zeros_like(master)
+                for at, n, hs in carried:
+                    target.view(-1).narrow(0, at, n).copy_(hs.tensors[kind])
+            for hs in held.values():  # the old buffer of this kind dies here
+                if len(hs.tensors) > kind:
+                    hs.tensors[kind] = None
 
 
 def gathered_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:

@@ -10,7 +10,7 @@ between ranks (``megatie.engines.zero3``):
 2. the old optimizer is released (its module hooks, gradient hooks, buffers); tensors that left the model
    free their shards;
 3. the new optimizer is built over the new trainable tensors - untied blocks' tensors were already born as
-   partitions of their sources (``LayerTying`` calls ``clone_partitioned``), so no rank ever holds more of
+   partitions of their sources (``LayerTying`` uses ``partitioned_tensors``), so no rank ever holds more of
    the model than DeepSpeed gathers for one module;
 4. ``carry_local`` copies each held slice into its new place; the old buffers die with the views.
 
@@ -27,7 +27,7 @@ from megatie.engines.zero3 import (
     carry_local,
     gathered_state_dict,
     held_slices,
-    partitioned_clone,
+    PartitionedTensors,
     release_partitioned,
 )
 from megatie.tying.layers import unique_parameters
@@ -36,8 +36,10 @@ from megatie.tying.layers import unique_parameters
 class Zero3Engine(DeepSpeedEngine):
     """Trainer engine on DeepSpeed ZeRO stage 3 (the interface of ``TorchEngine``)."""
 
-    # LayerTying makes an untied block's new tensors with this (module docstring, step 3).
-    clone_partitioned = staticmethod(partitioned_clone)
+    def __init__(self, model, cfg, device, sync, observer=None):
+        super().__init__(model, cfg, device, sync, observer)
+        # LayerTying makes an untied block's new tensors, and reads whole ones, with this (docstring, step 3).
+        self.partitioned_tensors = PartitionedTensors(next(model.parameters()))
 
     def _regroup(self, plan) -> int:
         created = {id(p): src for p, src in plan.created}
@@ -46,6 +48,8 @@ class Zero3Engine(DeepSpeedEngine):
             src = created[id(p)] if id(p) in created else p
             if src is not None:
                 source_of[id(p)] = id(src)
+        for master in self.optimizer.fp32_partitioned_groups_flat:
+            master.grad = None  # a view of the gradient buffer: a held slice would keep that buffer alive
         held = held_slices(self.optimizer, set(source_of.values()))
         source_of = {pid: sid for pid, sid in source_of.items() if sid in held}
         groups = self._groups({pid: held[sid].step for pid, sid in source_of.items()})

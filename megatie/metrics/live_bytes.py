@@ -117,13 +117,14 @@ class _StorageAccounting(TorchDispatchMode):
 
 class TransientMeter:
     """``with TransientMeter(device, *roots) as m: ...`` then ``m.peak_bytes`` (the span's peak minus its
-    start), ``m.start_bytes`` (live bytes at its start: the allocator's, or the roots' storages) and
+    start), ``m.end_bytes`` (its end minus its start: what stays, e.g. the state of blocks that start
+    training), ``m.start_bytes`` (live bytes at its start: the allocator's, or the roots' storages) and
     ``m.source`` (``"allocator"`` or ``"tensors"``)."""
 
     def __init__(self, device: torch.device, *roots):
         self.device, self.roots = torch.device(device), roots
         self.source = "allocator" if self.device.type == "cuda" else "tensors"
-        self.peak_bytes = self.start_bytes = 0
+        self.peak_bytes = self.start_bytes = self.end_bytes = 0
         self._accounting = None
         self._folded = 0
 
@@ -147,7 +148,9 @@ class TransientMeter:
             _RESET_GUARD.discard(self)
             self._folded_reset()
             self.peak_bytes = max(0, self._folded - self.start_bytes)
+            self.end_bytes = int(torch.cuda.memory_allocated(self.device)) - self.start_bytes
         else:
             self._accounting.__exit__(*exc)
             self._accounting.close()
             self.peak_bytes = max(0, self._accounting.peak)
+            self.end_bytes = self._accounting.current

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatie.engines import local_part
 from megatie.runtime.distributed import param_checksum
 from megatie.tying.layers import count_parameters, unique_parameters
 
@@ -56,7 +57,9 @@ def run_summary(trainer, memory: dict, final_val: dict) -> dict:
         "regroup_transient_bytes_max": trainer.stats.get("regroup_transient_max") if trainer.stats["regroups"] else None,
         "regroup_transient_source": (("allocator" if trainer.device.type == "cuda" else "tensors")
                                      if trainer.stats["regroups"] else None),
-        "rank_param_checksums": trainer.sync.gather(param_checksum(unique_parameters(trainer.model))),
+        # Of what each rank holds: the weights themselves, or (ZeRO-3) its own partitions of them.
+        "rank_param_checksums": trainer.sync.gather(param_checksum(local_part(p)
+                                                                   for p in unique_parameters(trainer.model))),
         "steps": trainer.step,
         "engine": "deepspeed" if trainer.cfg.uses_deepspeed else "torch",
         "precision": trainer.cfg.engine.precision,

@@ -122,8 +122,9 @@ class LayerTying:
         self._deltas: dict[int, dict[int, tuple[nn.Parameter, nn.Parameter]]] = {}  # member -> slot -> (U, V)
         self._ties_made = 0  # numbers the zero deltas' random streams
         # Where parameters exist only as per-rank partitions (ZeRO-3), the engine sets this: an untied
-        # block's new tensor is then made from its source's partition alone (engines/zero3.py).
-        self.clone_partitioned = None
+        # block's new tensor is then made from its source's partition alone, and a new delta reads whole
+        # tensors one slot at a time (engines/zero3.PartitionedTensors).
+        self.partitioned = None
         for i in range(self.num_blocks):
             for k in self.delta_slots:
                 self._slot_module(i, k).register_forward_hook(add_delta)
@@ -235,6 +236,18 @@ class LayerTying:
         return {k: new_delta(None if own is None else own[k], root[k], self.relax.rank, self.seed,
                              (block, k, self._ties_made)) for k in self.delta_slots}
 
+    def _new_partitioned_deltas(self, block: int, trained: bool, root: list[nn.Parameter]) -> dict[int, tuple]:
+        """``_new_deltas`` where tensors are partitioned: one slot at a time, what the block computed with and
+        its new root are gathered whole, the delta made from them and partitioned."""
+        self._ties_made += 1
+        tensors, deltas, out = self.block_tensors(block), self._deltas.get(block, {}), {}
+        for k in self.delta_slots:
+            with self.partitioned.whole([tensors[k], *deltas.get(k, ()), root[k]]):
+                own = effective_weight(tensors[k], *deltas.get(k, (None, None))) if trained else None
+                out[k] = new_delta(own, root[k], self.relax.rank, self.seed, (block, k, self._ties_made))
+            self.partitioned.adopt(out[k])
+        return out
+
     # ----------------------------------------------------------------- decisions
     def apply(self, new_state: Sequence[int]) -> RegroupPlan:
         """Move to ``new_state`` with snapshot semantics; see the module docstring."""
@@ -267,8 +280,8 @@ class LayerTying:
                 source, deltas = self._root_params[old_state[r]], self._deltas.get(r, {})
                 params = list(self._own[r])
                 for k in tied:
-                    if self.clone_partitioned is not None:  # no deltas there (refused at start-up)
-                        params[k] = self.clone_partitioned(source[k])
+                    if self.partitioned is not None:
+                        params[k] = self.partitioned.clone(source[k], deltas.get(k))
                         plan.created.append((params[k], source[k]))
                         continue
                     params[k] = nn.Parameter(torch.empty_like(source[k]), requires_grad=True)
@@ -308,8 +321,11 @@ class LayerTying:
             if i not in changed and i in self._deltas:
                 out[i] = self._deltas[i]
                 continue
-            own = None if i in frozen else self.effective_tensors(i)
-            out[i] = self._new_deltas(i, own, new_roots[root])
+            if self.partitioned is not None:
+                out[i] = self._new_partitioned_deltas(i, i not in frozen, new_roots[root])
+            else:
+                own = None if i in frozen else self.effective_tensors(i)
+                out[i] = self._new_deltas(i, own, new_roots[root])
             plan.created.extend((p, None) for pair in out[i].values() for p in pair)
         for i, deltas in self._deltas.items():
             if out.get(i) is not deltas:
@@ -326,17 +342,17 @@ class LayerTying:
         """Trainable elements the same model would have with every block independent (kept-unique blocks
         and everything else outside the tied range counted once, deltas not at all)."""
         in_blocks = self._block_ids()
-        outside = sum(p.numel() for p in unique_parameters(self.model) if id(p) not in in_blocks)
+        outside = sum(numel(p) for p in unique_parameters(self.model) if id(p) not in in_blocks)
         return outside + self.num_blocks * self.block_numel()
 
     def block_numel(self) -> int:
         """Elements of one block: what a root costs."""
-        return sum(t.numel() for t in self.block_tensors(0))
+        return sum(numel(t) for t in self.block_tensors(0))
 
     def member_numel(self) -> int:
         """Elements a member costs: its private slots and its deltas."""
         tensors = self.block_tensors(0)
-        private = sum(t.numel() for t, own in zip(tensors, self.private) if own)
+        private = sum(numel(t) for t, own in zip(tensors, self.private) if own)
         return private + sum(self.relax.rank * sum(tensors[k].shape) for k in self.delta_slots)
 
     def delta_numel_per_rank(self) -> int:
@@ -396,7 +412,12 @@ def unique_parameters(model: nn.Module, trainable_only: bool = False) -> list[nn
     return [p for p in model.parameters() if p.requires_grad or not trainable_only]
 
 
+def numel(t: torch.Tensor) -> int:
+    """Elements of a tensor, also of a ZeRO-3 parameter (whose ``data`` is a placeholder between uses)."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` element counts, a shared tensor counted once."""
     params = unique_parameters(model)
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
