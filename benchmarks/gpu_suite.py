@@ -15,6 +15,7 @@ Steps, in order (``--dry-run`` lists them with time estimates):
    megatie's regroup time against its step time and carried bytes against its optimizer state;
 6. memory-fp32-ac (optional): the same in fp32;
 7. probe-memory (optional): ``split``'s gradient probe at the paper's shape, exact and sketched;
+   memory-zero3-bf16-ac (optional): the Table 3 shape under ZeRO-3 (weights partitioned too);
 8. depth-pays (optional, with ``--depth-train-file`` and ``--depth-valid-file``): whether depth pays at
    GPT-2 124M's width - 12 blocks of 768 against untied models with at most a third of their
    parameters (3x768, 1x1152), and whether tying pays there: the same 12 blocks under ``split`` (three
@@ -100,6 +101,7 @@ def plan(args) -> list[Step]:
         Step("probe-memory", 60, [py, "benchmarks/probe_memory.py", "--n-layer", str(shape["n_layer"]), "--n-embd",
                                   str(shape["n_embd"]), "--seq-len", str(shape["seq_len"]), "--batch", "1",
                                   "--out", probe], optional=True, outputs=[probe]),
+        memory("memory-zero3-bf16-ac", "zero3_bf16.json", True, 170, optional=True),
     ]
     return steps + depth_step(py, args, out)
 

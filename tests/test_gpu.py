@@ -69,8 +69,9 @@ def _args(out: str, reference: str) -> list[str]:
     return base_args(out, reference, steps=40, every=10) + ["--grad-clip", "0", "--no-checkpoints", "--no-tf32"]
 
 
-def test_deepspeed_on_cuda_matches_the_same_device_reference(tmp_path, monkeypatch):
-    """ZeRO-2 fp32 on the GPU through three regroups against the plain-torch engine on the same GPU,
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_on_cuda_matches_the_same_device_reference(tmp_path, monkeypatch, stage):
+    """ZeRO-2 and ZeRO-3 (every tensor partitioned) fp32 on the GPU through three regroups against the plain-torch engine on the same GPU,
     both with deterministic algorithms. Tolerance 1e-4 relative: the same kernels on the same device,
     cuBLAS free only to pick algorithms by operand alignment (DeepSpeed's weights are views into one
     flat buffer); a lost or misplaced optimizer state moves these losses by far more (the CPU
@@ -84,8 +85,12 @@ def test_deepspeed_on_cuda_matches_the_same_device_reference(tmp_path, monkeypat
     env.update(DETERMINISTIC, DS_ACCELERATOR="cuda", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), MEGATIE_TEST_OUT=str(tmp_path / "res"),
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, HELPER, *_args(str(tmp_path / "ds"), reference),
-                           "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
+    config = os.path.join(ROOT, "ds_configs", "zero2.json")
+    if stage == 3:
+        config = str(tmp_path / "zero3.json")
+        with open(config, "w") as f:
+            json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, f)
+    proc = subprocess.run([sys.executable, HELPER, *_args(str(tmp_path / "ds"), reference), "--deepspeed", config],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.load(open(tmp_path / "res" / "rank0.json"))

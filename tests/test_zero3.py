@@ -73,8 +73,12 @@ def torch_losses(tmp_path_factory, reference):
 
 
 # --------------------------------------------------------------------------- equivalence and its bugs
-def test_zero3_fp32_equals_the_torch_engine_through_regroups(tmp_path, reference, torch_losses):
-    trainer, losses = _run(_args(str(tmp_path), reference), ZERO3)
+OFFLOADED = {"zero_optimization": {**ZERO3["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
+
+
+@pytest.mark.parametrize("config", [ZERO3, OFFLOADED], ids=["partitioned", "optimizer offloaded"])
+def test_zero3_fp32_equals_the_torch_engine_through_regroups(tmp_path, reference, torch_losses, config):
+    trainer, losses = _run(_args(str(tmp_path), reference), config)
     assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer_Stage3"
     assert trainer.engine.regroups >= 6 and len(losses) >= 100
     assert _rel(losses, torch_losses(104)) <= 1e-6
@@ -204,6 +208,12 @@ def test_zero3_resume_across_regroups_is_exact_and_exports(tmp_path, reference):
     model = load_run(full, "final")[0]
     assert weights_hash(model) == expected
     assert all(p.numel() > 0 for p in model.parameters())
+    # eval and generate read the run as any other (its final checkpoint's whole weights)
+    from megatie.tools.inference import generate, load_for_inference
+
+    model, tokenizer = load_for_inference(full, "final")
+    assert weights_hash(model) == expected
+    assert isinstance(generate(model, tokenizer, "the", max_new_tokens=4, temperature=0), str)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -220,6 +230,6 @@ def test_what_zero3_cannot_do_is_refused_in_one_line(tmp_path, flags, match):
 
 
 def test_shipped_zero3_configs_are_valid():
-    for name in ("zero3.json", "zero3_bf16.json"):
+    for name in ("zero3.json", "zero3_bf16.json", "zero3_offload.json"):
         config = load_ds_config(os.path.join(ROOT, "ds_configs", name))
         assert config["zero_optimization"]["stage"] == 3
