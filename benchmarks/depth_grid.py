@@ -119,7 +119,7 @@ def verdict(opts, table: dict) -> dict:
 
 def markdown(opts, table: dict, result: dict) -> str:
     base_params = table[opts.base]["params"]
-    lines = [f"| shape | params | ratio | " + " | ".join(f"lr {lr:g}" for lr in opts.lrs) + " | min/run |",
+    lines = ["| shape | params | ratio | " + " | ".join(f"lr {lr:g}" for lr in opts.lrs) + " | min/run |",
              "|---|---|---|" + "---|" * len(opts.lrs) + "---|"]
     for shape, row in table.items():
         cells = []

@@ -40,7 +40,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
@@ -65,9 +64,11 @@ from megatie.engines.zero_state import (
     stash_sources,
 )
 from megatie.engines.zero_weights import (
+    NamesByParam,
     flatten_where_room,
     lean_rebuild,
     materialize_left,
+    rebuild_quietly,
     release_weights,
     restore_weights,
     torch_flatten_again,
@@ -89,44 +90,8 @@ _DS_PARAM_ATTRS = ("_hp_mapping", "grad_accum", "param_idx_in_group", "_index_in
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
 
-@contextmanager
-def rebuild_quietly():
-    """While megatie rebuilds the optimizer: DeepSpeed's ZeRO-1/2 constructor empties the CUDA cache
-    (and resets the peak-memory counters) once per param group, and the bf16 optimizer runs a full
-    ``gc.collect()`` and prints a memory report per group. Right once at start-up, wasted at every
-    regroup: the allocator would return and re-request every cached block."""
-    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
-    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
-    import deepspeed.runtime.zero.utils as zero_utils
-
-    saved = (stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc)
-    stage_1_and_2.empty_cache = lambda: None
-    bf16_optimizer.see_memory_usage = lambda *args, **kwargs: None
-    # ZeRO-3's defragment runs a full gc.collect() (0.3 s with a large heap): megatie drops the old
-    # buffers by reference, so there is nothing for it to find.
-    zero_utils.gc = _NoCollect
-    try:
-        yield
-    finally:
-        stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc = saved
-
-
-class _NoCollect:
-    @staticmethod
-    def collect(*args, **kwargs) -> int:
-        return 0
-
-
-class _NamesByParam(dict):
-    """``{parameter: name}`` for DeepSpeed, with a short repr: ZeRO-3's constructor formats its arguments
-    into a debug string whether or not it prints it, and a repr of every parameter costs 0.1 s a rebuild."""
-
-    def __repr__(self) -> str:
-        return f"<names of {len(self)} parameters>"
-
-
 class DeepSpeedEngine:
-    """Trainer engine (the interface of ``TorchEngine``) on DeepSpeed ZeRO stages 0-2."""
+    """Trainer engine (the interface of ``TorchEngine``) on DeepSpeed ZeRO stages 0-2 (3: ``Zero3Engine``)."""
 
     def __init__(self, model, cfg, device: torch.device, sync: RankSync, observer=None):
         if not tdist.is_initialized():
@@ -194,7 +159,7 @@ class DeepSpeedEngine:
 
         e = self.engine
         optimizer, scheduler = self._optimizer_for(groups)
-        e.param_names = _NamesByParam((p, n) for n, p in self.model.named_parameters())  # new tensors need names
+        e.param_names = NamesByParam((p, n) for n, p in self.model.named_parameters())  # new tensors need names
         with rebuild_quietly(), flatten_where_room(get_accelerator()), lean_rebuild(unstash):
             e._configure_optimizer(optimizer, [p for _, params in groups for p in params])
         torch_flatten_again(e.optimizer)

@@ -33,7 +33,8 @@ DeepSpeed builds its masters from it (``unstash_weights``, called from ``lean_re
 under DeepSpeed's ZeRO-1/2 optimizer, whose flattening that hook follows), so the shares never live
 beside the new masters.
 A frozen replica is not trainable and is not touched. ``device_room`` decides where DeepSpeed
-flattens (see ``flatten_where_room``).
+flattens (see ``flatten_where_room``). ``rebuild_quietly`` and ``NamesByParam`` keep DeepSpeed's
+constructors (every stage) from work that is right once at start-up and wasted at every regroup.
 """
 
 from __future__ import annotations
@@ -211,3 +212,39 @@ def flatten_where_room(accelerator):
             accelerator.available_memory = own
         else:
             del accelerator.available_memory
+
+
+@contextmanager
+def rebuild_quietly():
+    """While megatie rebuilds the optimizer: DeepSpeed's ZeRO-1/2 constructor empties the CUDA cache
+    (and resets the peak-memory counters) once per param group, and the bf16 optimizer runs a full
+    ``gc.collect()`` and prints a memory report per group. Right once at start-up, wasted at every
+    regroup: the allocator would return and re-request every cached block."""
+    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
+    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+    import deepspeed.runtime.zero.utils as zero_utils
+
+    saved = (stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc)
+    stage_1_and_2.empty_cache = lambda: None
+    bf16_optimizer.see_memory_usage = lambda *args, **kwargs: None
+    # ZeRO-3's defragment runs a full gc.collect() (0.3 s with a large heap): megatie drops the old
+    # buffers by reference, so there is nothing for it to find.
+    zero_utils.gc = _NoCollect
+    try:
+        yield
+    finally:
+        stage_1_and_2.empty_cache, bf16_optimizer.see_memory_usage, zero_utils.gc = saved
+
+
+class _NoCollect:
+    @staticmethod
+    def collect(*args, **kwargs) -> int:
+        return 0
+
+
+class NamesByParam(dict):
+    """``{parameter: name}`` for DeepSpeed, with a short repr: ZeRO-3's constructor formats its arguments
+    into a debug string whether or not it prints it, and a repr of every parameter costs 0.1 s a rebuild."""
+
+    def __repr__(self) -> str:
+        return f"<names of {len(self)} parameters>"
