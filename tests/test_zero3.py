@@ -216,6 +216,27 @@ def test_zero3_resume_across_regroups_is_exact_and_exports(tmp_path, reference):
     assert isinstance(generate(model, tokenizer, "the", max_new_tokens=4, temperature=0), str)
 
 
+def test_the_export_comparison_catches_a_stale_gather(tmp_path, reference, monkeypatch):
+    """A checkpoint whose weights come from a gather made earlier (the first checkpoint's) must not pass
+    for the trained model: the comparison above would see it."""
+    import megatie.engines.zero3_engine as engine
+    from megatie.tools.export import load_run
+
+    first, gather = {}, engine.gathered_state_dict
+
+    def stale(model, rank):
+        if not first:
+            first.update(gather(model, rank))
+        return dict(first)
+
+    monkeypatch.setattr(engine, "gathered_state_dict", stale)
+    full = str(tmp_path / "full")
+    trainer, _ = _run(_args(full, reference, 24, "--checkpoint-every", "12"), ZERO3)
+    with trainer.engine.full_weights():
+        trained = weights_hash(trainer.model)
+    assert weights_hash(load_run(full, "final")[0]) != trained
+
+
 # --------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("flags,match", [
     (["--tie-mode", "frozen-replica", "--tie-policy", "alternate"], "frozen replica"),
