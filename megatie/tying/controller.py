@@ -166,6 +166,8 @@ class TieController:
     def _verify_ranks(self, index: int) -> None:
         if self.sync.world_size > 1:
             self.sync.verify(f"the tie state after decision {index}", list(self.tying.state))
+            # Under ZeRO-3 a partitioned tensor's data is an empty placeholder here (each element has one
+            # owner, nothing to agree on); the tensors kept whole on every rank are compared.
             self.sync.verify(f"the weights after decision {index} (parameter checksum)",
                              param_checksum(unique_parameters(self.tying.model)))
 
