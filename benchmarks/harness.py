@@ -133,8 +133,7 @@ def run_rank(variant: str, settings: dict, ds_config: str, seed: int, out_json: 
 
 def held_bytes(trainer) -> tuple[int, int]:
     """(weight bytes, master + moment bytes) this rank holds."""
-    from megatie.engines import local_part
-    from megatie.tying.layers import unique_parameters
+    from megatie.tying.layers import local_part, unique_parameters
 
     weights = 0
     for p in unique_parameters(trainer.model):

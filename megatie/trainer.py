@@ -34,7 +34,7 @@ from megatie.config import (
     recorded_settings,
 )
 from megatie.data.prefetch import StepPrefetcher
-from megatie.engines import build_engine, check_checkpoint_engine, local_part, whole_weights
+from megatie.engines import build_engine, check_checkpoint_engine, whole_weights
 from megatie.engines.speed import prepare_for_speed
 from megatie.errors import CheckpointError, DivergedError
 from megatie.metrics.flops import mfu, model_flops_per_token, peak_flops
@@ -51,7 +51,7 @@ from megatie.runtime.interrupts import raise_if_requested
 from megatie.runtime.threads import apply_threads
 from megatie.tying.controller import TieController
 from megatie.tying.gradient_probe import block_gradient_gram
-from megatie.tying.layers import count_parameters, tying_for
+from megatie.tying.layers import count_parameters, local_part, tying_for
 from megatie.tying.options import POLICIES
 from megatie.tying.policies import resolve_auto_rank, roots_within_budget
 from megatie.tying.registry import build_policy, load_reference_run, policy_depth

@@ -242,7 +242,8 @@ def _train_and_record(cfg, sync) -> None:
     losses = record_losses(trainer)
     own_grams = record_own_grams(trainer)
     summary = trainer.train()
-    from megatie.engines import local_part, whole_weights
+    from megatie.engines import whole_weights
+    from megatie.tying.layers import local_part
 
     with whole_weights(trainer.engine):  # ZeRO-3: every rank assembles the whole model to hash it
         digest = weights_hash(trainer.model)

@@ -36,12 +36,6 @@ def whole_weights(engine):
     return full() if full is not None else contextlib.nullcontext()
 
 
-def local_part(p):
-    """What this rank holds of parameter ``p``: its ZeRO-3 shard, or the parameter itself."""
-    shard = getattr(p, "ds_tensor", None)
-    return p if shard is None else shard
-
-
 def build_engine(model, cfg, device, sync=None, observer=None):
     """The engine ``cfg`` asks for: DeepSpeed when it carries a DeepSpeed config, plain torch otherwise."""
     if cfg.engine.activation_checkpointing:

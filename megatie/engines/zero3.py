@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from megatie.engines.optim import adam_step_tensor
-from megatie.engines.zero_state import MOMENTS, inner_optimizer
+from megatie.engines.zero_state import MOMENTS, inner_optimizer, shard_views
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -103,19 +103,6 @@ def release_partitioned(p: nn.Parameter) -> None:
     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     if getattr(p, "ds_tensor", None) is not None:
         p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
-
-
-def shard_views(ds_optimizer) -> list[tuple[list[nn.Parameter], list[int], torch.Tensor]]:
-    """Per flat fp32 master of a stage-3 optimizer: its parameters, each one's start in it (shards
-    back to back, padding included) and the master itself."""
-    out = []
-    for params, master in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat):
-        offsets, pos = [], 0
-        for p in params:
-            offsets.append(pos)
-            pos += p.partition_numel()
-        out.append((list(params), offsets, master))
-    return out
 
 
 @dataclass

@@ -90,8 +90,6 @@ def flat_views(ds_optimizer, rank: int) -> list[FlatView]:
     if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
         # ZeRO-3: each parameter is partitioned on its own; offsets are within this rank's flat master, and
         # the stage-3 regroup carries per-parameter slices locally (engines/zero3.py), never by ``ranges``.
-        from megatie.engines.zero3 import shard_views
-
         return [FlatView(params, offsets, master, 0, False) for params, offsets, master in shard_views(ds_optimizer)]
     if hasattr(ds_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer
         out = []
@@ -112,6 +110,19 @@ def flat_views(ds_optimizer, rank: int) -> list[FlatView]:
         return [FlatView([p], [0], p, 0, False) for group in ds_optimizer.param_groups for p in group["params"]]
     raise NotImplementedError(f"megatie cannot regroup a {type(ds_optimizer).__name__}; "
                               "use ZeRO stage 0, 1 or 2")
+
+
+def shard_views(ds_optimizer) -> list[tuple[list, list[int], torch.Tensor]]:
+    """Per flat fp32 master of a stage-3 optimizer: its parameters, each one's start in it (shards
+    back to back, padding included) and the master itself."""
+    out = []
+    for params, master in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat):
+        offsets, pos = [], 0
+        for p in params:
+            offsets.append(pos)
+            pos += p.partition_numel()
+        out.append((list(params), offsets, master))
+    return out
 
 
 def inner_optimizer(ds_optimizer) -> torch.optim.Optimizer:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from megatie.engines import local_part
 from megatie.runtime.distributed import param_checksum
-from megatie.tying.layers import count_parameters, unique_parameters
+from megatie.tying.layers import count_parameters, local_part, unique_parameters
 
 
 def run_summary(trainer, memory: dict, final_val: dict) -> dict:

@@ -417,6 +417,12 @@ def numel(t: torch.Tensor) -> int:
     return int(getattr(t, "ds_numel", t.numel()))
 
 
+def local_part(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of parameter ``p``: its ZeRO-3 partition, or the parameter itself."""
+    shard = getattr(p, "ds_tensor", None)
+    return p if shard is None else shard
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` element counts, a shared tensor counted once."""
     params = unique_parameters(model)
