@@ -29,6 +29,8 @@ from torch import nn
 from megatie.errors import ConfigError
 from megatie.kernels import multi_tensor_copy_
 from megatie.tying.blocks import KNOWN_BLOCK_PATHS, find_blocks  # noqa: F401 (re-exported)
+# Parameter bookkeeping, ZeRO-3-aware, is its own module; re-exported where callers have always found it.
+from megatie.tying.params import count_parameters, local_part, numel, unique_parameters  # noqa: F401
 
 # The mode names are defined torch-free (for the launcher's parser) and re-exported here.
 from megatie.tying.options import KEEP_UNIQUE, TIE_MODES, TIE_PARTS, Relax, parse_relax
@@ -405,25 +407,3 @@ def tying_for(model: nn.Module, block_path: str | None, settings: Mapping) -> La
     return LayerTying(model, settings.get("tie_mode", "shared"), block_path, relax=settings.get("tie_relax"),
                       parts=settings.get("tie_parts", "all"), keep_unique=settings.get("tie_keep_unique", "none"),
                       seed=int(settings.get("seed", 0)))
-
-
-def unique_parameters(model: nn.Module, trainable_only: bool = False) -> list[nn.Parameter]:
-    """Each distinct parameter tensor once, in module order (``named_parameters`` de-duplicates)."""
-    return [p for p in model.parameters() if p.requires_grad or not trainable_only]
-
-
-def numel(t: torch.Tensor) -> int:
-    """Elements of a tensor, also of a ZeRO-3 parameter (whose ``data`` is a placeholder between uses)."""
-    return int(getattr(t, "ds_numel", t.numel()))
-
-
-def local_part(p: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of parameter ``p``: its ZeRO-3 partition, or the parameter itself."""
-    shard = getattr(p, "ds_tensor", None)
-    return p if shard is None else shard
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` element counts, a shared tensor counted once."""
-    params = unique_parameters(model)
-    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
