@@ -3,8 +3,9 @@
 Under stage 3 every parameter is split on its own: rank r holds elements ``[r * s, (r + 1) * s)`` of the
 flattened tensor in ``param.ds_tensor`` (``s = ceil(numel / world)``, the last rank's tail padded), and
 ``param.data`` is empty except while a module that uses it runs (DeepSpeed gathers it in the module's
-forward and backward hooks and frees it after). A tied block's modules hold their root's parameter
-object, so the root is gathered for each position that computes with it, and autograd sums every
+forward and backward hooks and releases it as its live budget says). A tied block's modules hold their
+root's parameter object, so the root is gathered when a position computes with it - once a step within
+DeepSpeed's default budget, per use with a small one (benchmarks/zero3_gathers.py) - and autograd sums every
 position's gradient into it before DeepSpeed's one reduce-scatter per step (measured: stage 3 equals
 the plain torch engine to the bit through regroups, tests/test_zero3.py).
 
