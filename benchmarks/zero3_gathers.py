@@ -24,7 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, scratch_dir, write_json  # noqa: E402
+from harness import ROOT, _port, scratch_dir, write_json  # noqa: E402
 
 SHAPE = ["--n-layer", "12", "--n-embd", "192", "--n-head", "4", "--seq-len", "64", "--batch-size", "4",
          "--vocab-size", "512", "--max-steps", "6"]
@@ -86,14 +86,6 @@ def measure(variant: str, tie_flags: list[str], budget: str, seed: int) -> dict:
     if r.returncode:
         raise RuntimeError(f"{variant} failed:\n{r.stderr[-3000:]}")
     return {"variant": variant, "budget": budget, **json.loads(r.stdout.strip().splitlines()[-1])}
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

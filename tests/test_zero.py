@@ -19,7 +19,14 @@ from megatie.errors import CheckpointError, ConfigError  # noqa: E402
 from megatie.tying.layers import count_parameters  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
 from mixed_reference import MixedPrecisionReference  # noqa: E402
-from zero_helper import base_args, live_cpu_tensor_bytes, record_losses, write_reference_run  # noqa: E402
+from zero_helper import (  # noqa: E402
+    base_args,
+    live_cpu_tensor_bytes,
+    max_rel as _rel,
+    record_losses,
+    train_recorded,
+    write_reference_run,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": False}}
@@ -46,16 +53,8 @@ def _trainer(args, ds_config=None, activation_checkpointing=False):
     return Trainer(cfg, sync=SYNC if ds_config is not None else None)
 
 
-def _run(args, ds_config=None, **kw):
-    trainer = _trainer(args, ds_config, **kw)
-    losses = record_losses(trainer)
-    trainer.train()
-    return trainer, losses
-
-
-def _rel(a, b):
-    assert len(a) == len(b)
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+def _run(args, ds_config=None, activation_checkpointing=False):
+    return train_recorded(args, ds_config, SYNC, activation_checkpointing)
 
 
 def long_args(out: str, reference: str) -> list[str]:

@@ -18,7 +18,14 @@ from megatie.tools.train_cli import build_parser, config_from_args  # noqa: E402
 from megatie.tying.layers import count_parameters  # noqa: E402
 from megatie.trainer import Trainer  # noqa: E402
 from mixed_reference import MixedPrecisionReference  # noqa: E402
-from zero_helper import base_args, record_losses, weights_hash, write_reference_run  # noqa: E402
+from zero_helper import (  # noqa: E402
+    base_args,
+    max_rel as _rel,
+    record_losses,
+    train_recorded,
+    weights_hash,
+    write_reference_run,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Persistence threshold 0: every tensor is partitioned and gathered per use, even the tiny test model's
@@ -40,17 +47,7 @@ def reference(tmp_path_factory):
 
 
 def _run(args, ds_config=None, activation_checkpointing=False):
-    cfg = config_from_args(build_parser().parse_args(args))
-    cfg = cfg.replace(deepspeed_config=ds_config, activation_checkpointing=activation_checkpointing)
-    trainer = Trainer(cfg, sync=SYNC if ds_config is not None else None)
-    losses = record_losses(trainer)
-    trainer.train()
-    return trainer, losses
-
-
-def _rel(a, b):
-    assert len(a) == len(b)
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+    return train_recorded(args, ds_config, SYNC, activation_checkpointing)
 
 
 def _args(out, reference, steps=104, *extra):

@@ -93,6 +93,26 @@ def weights_hash(model) -> str:
     return h.hexdigest()
 
 
+def train_recorded(args: list[str], ds_config=None, sync=None, activation_checkpointing: bool = False):
+    """Train the run the launcher flags ``args`` describe (DeepSpeed with ``ds_config`` on ``sync``'s ranks,
+    else the plain torch engine): ``(trainer, the loss of every step)``."""
+    from megatie.tools.train_cli import build_parser, config_from_args
+    from megatie.trainer import Trainer
+
+    cfg = config_from_args(build_parser().parse_args(args))
+    cfg = cfg.replace(deepspeed_config=ds_config, activation_checkpointing=activation_checkpointing)
+    trainer = Trainer(cfg, sync=sync if ds_config is not None else None)
+    losses = record_losses(trainer)
+    trainer.train()
+    return trainer, losses
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    """The largest relative difference of two equally long loss curves."""
+    assert len(a) == len(b)
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
 def record_losses(trainer) -> list[float]:
     losses: list[float] = []
     step = trainer.engine.train_step

@@ -44,14 +44,17 @@ def zero_file(rank: int) -> str:
     return f"zero_rank_{rank:05d}.safetensors"
 
 
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors, each distinct tensor once under the first name it has."""
+def unique_state_dict(model: nn.Module, read=None) -> dict[str, torch.Tensor]:
+    """The model's tensors, each distinct tensor once under the first name it has. ``read(tensor)``: how
+    each is taken (default: detached, contiguous, on the host); a ``None`` it returns is left out."""
     out, seen = {}, set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        out[name] = tensor.detach().contiguous().cpu()
+        value = tensor.detach().contiguous().cpu() if read is None else read(tensor)
+        if value is not None:
+            out[name] = value
     return out
 
 

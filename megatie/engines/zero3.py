@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megatie.checkpoint.store import unique_state_dict
 from megatie.engines.optim import adam_step_tensor
 from megatie.engines.zero_state import MOMENTS, inner_optimizer, shard_views
 
@@ -163,19 +164,15 @@ def carry_local(ds_optimizer, held: dict[int, HeldSlice], source_of: dict[int, i
 
 
 def gathered_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
-    """The model's tensors (each distinct one once, under its first name), gathered one at a time on every
-    rank and kept on rank 0's host (None elsewhere): the weights a checkpoint and an export hold."""
+    """The model's tensors (``unique_state_dict``), gathered one at a time on every rank and kept on rank 0's
+    host (None elsewhere): the weights a checkpoint and an export hold."""
     from deepspeed import zero
 
-    out, seen = {}, set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if is_partitioned(tensor):
-            with zero.GatheredParameters([tensor]):
-                if rank == 0:
-                    out[name] = tensor.detach().contiguous().cpu().clone()
-        elif rank == 0:
-            out[name] = tensor.detach().contiguous().cpu()
-    return out if rank == 0 else None
+    def read(tensor):
+        if not is_partitioned(tensor):
+            return tensor.detach().contiguous().cpu() if rank == 0 else None
+        with zero.GatheredParameters([tensor]):
+            return tensor.detach().contiguous().cpu().clone() if rank == 0 else None
+
+    weights = unique_state_dict(model, read)
+    return weights if rank == 0 else None

@@ -20,6 +20,7 @@ survive, which are new and where each new tensor's optimizer state must come fro
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -225,29 +226,26 @@ class LayerTying:
         for i in range(self.num_blocks):
             for p in own[i]:
                 p.requires_grad_(i not in frozen)
-        self._deltas = {i: self._new_deltas(i, None, self._root_params[state[i]]) for i in range(self.num_blocks)
+        self._deltas = {i: self._new_deltas(i, False, self._root_params[state[i]]) for i in range(self.num_blocks)
                         if state[i] != i and i not in frozen and self.delta_slots}
         self._bind_all()
 
-    def _new_deltas(self, block: int, own: list[torch.Tensor] | None, root: list[torch.Tensor]) -> dict[int, tuple]:
-        """Block ``block``'s deltas against its new root's tensors ``root``; ``own``: what it computed with
-        before, where it trained (None: zero deltas)."""
+    def _new_deltas(self, block: int, trained: bool, root: list[torch.Tensor]) -> dict[int, tuple]:
+        """Block ``block``'s deltas against its new root's tensors ``root``, from what it computed with before
+        where it trained (``trained``; else zero deltas), read before anything is re-bound. One slot at a
+        time: where tensors are partitioned (ZeRO-3) that slot's tensors are gathered whole for it, and the
+        new delta is partitioned."""
         if self.relax.auto:
             raise RuntimeError("--tie-relax lora:auto is resolved (fix_delta_rank) before any tie is made")
         self._ties_made += 1
-        return {k: new_delta(None if own is None else own[k], root[k], self.relax.rank, self.seed,
-                             (block, k, self._ties_made)) for k in self.delta_slots}
-
-    def _new_partitioned_deltas(self, block: int, trained: bool, root: list[nn.Parameter]) -> dict[int, tuple]:
-        """``_new_deltas`` where tensors are partitioned: one slot at a time, what the block computed with and
-        its new root are gathered whole, the delta made from them and partitioned."""
-        self._ties_made += 1
         tensors, deltas, out = self.block_tensors(block), self._deltas.get(block, {}), {}
         for k in self.delta_slots:
-            with self.partitioned.whole([tensors[k], *deltas.get(k, ()), root[k]]):
+            reading = [tensors[k], *deltas.get(k, ()), root[k]]
+            with nullcontext() if self.partitioned is None else self.partitioned.whole(reading):
                 own = effective_weight(tensors[k], *deltas.get(k, (None, None))) if trained else None
                 out[k] = new_delta(own, root[k], self.relax.rank, self.seed, (block, k, self._ties_made))
-            self.partitioned.adopt(out[k])
+            if self.partitioned is not None:
+                self.partitioned.adopt(out[k])
         return out
 
     # ----------------------------------------------------------------- decisions
@@ -312,7 +310,7 @@ class LayerTying:
 
     def _deltas_after(self, old_state, new_state, frozen, tr, new_roots, plan) -> dict[int, dict[int, tuple]]:
         """Members that kept their root keep their deltas; a newly tied or re-tied member gets new ones from
-        what it computed with before (``effective_tensors``, read before anything is re-bound)."""
+        what it computed with before (read before anything is re-bound)."""
         out: dict[int, dict[int, tuple]] = {}
         if not self.delta_slots:
             return out
@@ -323,11 +321,7 @@ class LayerTying:
             if i not in changed and i in self._deltas:
                 out[i] = self._deltas[i]
                 continue
-            if self.partitioned is not None:
-                out[i] = self._new_partitioned_deltas(i, i not in frozen, new_roots[root])
-            else:
-                own = None if i in frozen else self.effective_tensors(i)
-                out[i] = self._new_deltas(i, own, new_roots[root])
+            out[i] = self._new_deltas(i, i not in frozen, new_roots[root])
             plan.created.extend((p, None) for pair in out[i].values() for p in pair)
         for i, deltas in self._deltas.items():
             if out.get(i) is not deltas:
